@@ -1,0 +1,188 @@
+"""Recipes: YAML validated into typed dataclasses, with `key=value` overrides.
+
+Unknown keys are errors that name the key, the file and the nearest valid key.
+
+    recipe = load_recipe("recipes/quickstart.yaml", ["train.steps=50", "model.image_size=512"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from samed2_kit.losses import LossConfig
+from samed2_kit.prompts import PromptConfig
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "test-tiny"  # tiny | small | base_plus | large | test-tiny
+    image_size: int = 256  # px, multiple of 32
+    checkpoint: str | None = None  # Meta/MedSAM2 .pt or our .safetensors to start from
+
+
+@dataclass
+class SourceConfig:
+    """One folder-of-pairs source: `sample` names a bundled sample set (hc18, sam_med2d_demo);
+    otherwise give root + image/mask patterns (see samed2_kit.medbank.pairs.PairSource)."""
+
+    sample: str | None = None
+    root: str | None = None
+    image: str | None = None
+    mask: str | None = None
+    modality: str = "2d"
+    intensity: str = "auto"
+    task: str = "default"
+    case: str | None = None
+    spacing_csv: str | None = None
+    licence: str = "unknown"
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(sample="hc18")])
+    split: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "test": 0.2})
+    split_seed: int = 0
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    augment: bool = True
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "full"  # full: encoder + decoder train | decoder: image encoder frozen
+    steps: int = 200  # optimizer steps
+    batch_size: int = 4
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    grad_accum: int = 1
+    clip_grad: float = 1.0  # max grad norm; 0 disables
+    mixed_precision: str = "auto"  # auto (bf16 where the device has it) | bf16 | no
+    multimask: bool = False  # train on the best of 3 masks (SAM 2's rule for ambiguous prompts)
+    seed: int = 0
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    prompt: str = "box"  # box | point (one positive click at the mask's centre-most pixel)
+    nsd_tolerance_mm: float = 2.0
+    split: str = "test"
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out_dir: str = "runs/quickstart"
+
+
+def _strip_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp, True
+    return tp, False
+
+
+def _coerce(value: Any, tp, where: str, source: str):
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{where} in {source} must not be empty")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where, source)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{where} in {source} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        return tuple(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} in {source} must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(v, vt, f"{where}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where} in {source} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where} in {source} must be a number, got {value!r}")
+        if tp is int and float(value) != int(value):
+            raise ValueError(f"{where} in {source} must be an integer, got {value!r}")
+        return tp(value)
+    if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes as a bool: give the word back
+            return "yes" if value else "no"
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict | None, where: str = "", source: str = "<recipe>"):
+    """Build dataclass `cls` from a mapping; unknown keys are a ValueError naming the nearest."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'recipe'} in {source} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ValueError(f"unknown key '{full}' in {source}{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full, source)
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
+    import yaml
+
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=100)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: '{p}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from defaults when `path` is None) and apply overrides."""
+    import yaml
+
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        source = str(path)
+        data = yaml.safe_load(path.read_text()) or {}
+    apply_overrides(data, overrides or [])
+    return from_dict(Recipe, data, "", source if not overrides else f"{source} (+ overrides)")
+
+
+def to_dict(obj) -> dict:
+    """A recipe (or any dataclass) as plain JSON-able data."""
+    return dataclasses.asdict(obj)

@@ -1,0 +1,57 @@
+"""Trained weights out: safetensors + a JSON config, written atomically; and back in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from samed2_kit.model.build import ModelSpec
+
+WEIGHTS = "model.safetensors"
+CONFIG = "model.json"
+FORMAT_VERSION = 1
+
+
+def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
+    """Write `folder/model.safetensors` (the sam2 module's weights, sam2's key names) and
+    `folder/model.json` (variant, image size, format version, `extra`), each atomically."""
+    from safetensors.torch import save_file
+
+    from samed2_kit.utils.atomic import atomic_path, write_text
+
+    folder = Path(folder)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.sam.state_dict().items()}
+    with atomic_path(folder / WEIGHTS) as tmp:
+        save_file(
+            state, str(tmp), metadata={"format": "samed2-kit", "version": str(FORMAT_VERSION)}
+        )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "variant": model.spec.variant,
+        "image_size": model.spec.image_size,
+        **(extra or {}),
+    }
+    write_text(folder / CONFIG, json.dumps(meta, indent=2, default=str))
+    return folder
+
+
+def load_model(folder_or_file: str | Path, device: str | torch.device | None = None):
+    """Rebuild a model saved by `save_model` (a folder or its model.safetensors)."""
+    from samed2_kit.model.build import build_model
+
+    path = Path(folder_or_file)
+    folder = path if path.is_dir() else path.parent
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(
+            f"{cfg_path} not found: pass a folder written by `samed2 train`/`quickstart` "
+            "(it holds model.safetensors and model.json)"
+        )
+    meta = json.loads(cfg_path.read_text())
+    for key in ("variant", "image_size"):
+        if key not in meta:
+            raise ValueError(f"{cfg_path} lacks the field '{key}'; re-save the model")
+    spec = ModelSpec(meta["variant"], int(meta["image_size"]))
+    return build_model(spec.variant, folder / WEIGHTS, spec.image_size, device, strict=True)

@@ -1,0 +1,191 @@
+"""Training loss for SAM 2 mask decoder outputs (MONAI Dice+CE / focal, IoU and object-score heads).
+
+Follows SAM 2's training rule for multimask outputs: the segmentation loss is computed for every
+candidate mask, and only the best (minimum-loss) mask per sample is back-propagated; the IoU head
+is supervised for all candidates with the real IoU of each thresholded mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["LossConfig", "LossOutput", "SegLoss", "real_iou"]
+
+
+@dataclass
+class LossConfig:
+    """Weights of the loss terms (>= 0; a weight of 0 skips that term).
+
+    Attributes:
+        dice_ce: MONAI ``DiceCELoss(sigmoid=True)`` (soft Dice + pixel-mean BCE) on the mask logits.
+        focal: MONAI ``FocalLoss(gamma=2, alpha=0.25)`` (sigmoid, pixel mean) on the mask logits.
+        iou: MSE between the predicted IoU and the real IoU of ``(logits > 0)`` vs gt.
+        object_score: BCE-with-logits on the object score; target is "gt is non-empty".
+    """
+
+    dice_ce: float = 1.0
+    focal: float = 0.0
+    iou: float = 1.0
+    object_score: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("dice_ce", "focal", "iou", "object_score"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.dice_ce + self.focal + self.iou + self.object_score == 0:
+            raise ValueError(
+                "LossConfig: all weights are 0; set at least one of dice_ce/focal/iou/object_score > 0."
+            )
+
+
+@dataclass
+class LossOutput:
+    """Result of :class:`SegLoss`.
+
+    Attributes:
+        total: scalar float32 loss, differentiable.
+        parts: detached unweighted value of each active term (``dice_ce``, ``focal``, ``iou``,
+            ``object_score``); terms with weight 0 are absent.
+        best_mask: (B,) long index of the mask chosen per sample.
+    """
+
+    total: torch.Tensor
+    parts: dict[str, float]
+    best_mask: torch.Tensor
+
+
+def _resize_to(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, M, h, w) logits -> (B, M, H, W), bilinear, align_corners=False (no-op if same size)."""
+    if tuple(mask_logits.shape[-2:]) == tuple(size):
+        return mask_logits
+    return F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def real_iou(mask_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Real IoU of each thresholded mask against the ground truth (no gradient).
+
+    Args:
+        mask_logits: (B, M, h, w) logits; resized bilinearly to gt's (H, W) if needed.
+        gt: (B, 1, H, W) binary mask (> 0.5 = foreground).
+
+    Returns:
+        (B, M) float32 IoU of ``(logits > 0)`` vs gt; 1.0 where both are empty.
+    """
+    logits = _resize_to(mask_logits.detach().float(), tuple(gt.shape[-2:]))
+    pred = logits > 0
+    target = (gt.detach().float() > 0.5).expand_as(pred)
+    inter = (pred & target).flatten(2).sum(-1).float()
+    union = (pred | target).flatten(2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def _check_inputs(
+    mask_logits: torch.Tensor, iou_pred: torch.Tensor, obj: torch.Tensor, gt: torch.Tensor
+) -> None:
+    if mask_logits.ndim != 4:
+        raise ValueError(
+            f"mask_logits must be (B, M, h, w) logits, got shape {tuple(mask_logits.shape)}."
+        )
+    b, m = mask_logits.shape[:2]
+    if gt.ndim != 4 or gt.shape[0] != b or gt.shape[1] != 1:
+        raise ValueError(
+            f"gt must be (B, 1, H, W) with B={b} (from mask_logits), got shape {tuple(gt.shape)}; "
+            "add the channel axis with gt[:, None]."
+        )
+    if tuple(iou_pred.shape) != (b, m):
+        raise ValueError(
+            f"iou_pred must be (B, M) = ({b}, {m}), got shape {tuple(iou_pred.shape)}."
+        )
+    if tuple(obj.shape) != (b, 1):
+        raise ValueError(
+            f"object_score_logits must be (B, 1) = ({b}, 1), got shape {tuple(obj.shape)}."
+        )
+
+
+class SegLoss(torch.nn.Module):
+    """Weighted sum of segmentation, IoU-regression and object-score losses (see :class:`LossConfig`).
+
+    Segmentation terms (dice_ce, focal) are computed per (sample, mask); the mask with the minimum
+    weighted segmentation loss is picked per sample and only it is used. They are averaged over
+    samples whose gt is non-empty (0 if none). The IoU term covers all samples and all M masks;
+    the object-score term covers all samples. Everything runs in float32 with autocast disabled.
+    """
+
+    def __init__(self, cfg: LossConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg if cfg is not None else LossConfig()
+        from monai.losses import DiceLoss, FocalLoss
+
+        # reduction="none" versions of DiceCELoss's parts, so the loss can be picked per mask.
+        self.dice = DiceLoss(sigmoid=True, reduction="none")
+        self.focal_loss = FocalLoss(gamma=2.0, alpha=0.25, reduction="none")
+
+    def _seg_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, M, H, W) logits and targets -> {term: (B, M) unweighted loss}."""
+        terms: dict[str, torch.Tensor] = {}
+        if self.cfg.dice_ce > 0:
+            dice = self.dice(logits, target).flatten(1)  # (B, M)
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            terms["dice_ce"] = dice + bce.flatten(2).mean(-1)
+        if self.cfg.focal > 0:
+            terms["focal"] = self.focal_loss(logits, target).flatten(2).mean(-1)
+        return terms
+
+    def forward(
+        self,
+        mask_logits: torch.Tensor,
+        iou_pred: torch.Tensor,
+        object_score_logits: torch.Tensor,
+        gt: torch.Tensor,
+    ) -> LossOutput:
+        """Compute the loss.
+
+        Args:
+            mask_logits: (B, M, h, w) mask logits, M = 1 or 3 masks per prompt.
+            iou_pred: (B, M) predicted IoU in [0, 1] (already sigmoid-ed by SAM 2).
+            object_score_logits: (B, 1) object-presence logits.
+            gt: (B, 1, H, W) float ground truth in {0, 1}; logits are upsampled to (H, W).
+
+        Returns:
+            :class:`LossOutput`.
+        """
+        _check_inputs(mask_logits, iou_pred, object_score_logits, gt)
+        cfg = self.cfg
+        with torch.autocast(device_type=mask_logits.device.type, enabled=False):
+            logits = _resize_to(mask_logits.float(), tuple(gt.shape[-2:]))
+            target = (gt.float() > 0.5).float()
+            b, m = logits.shape[:2]
+            present = target.flatten(1).amax(-1)  # (B,) 1.0 where gt is non-empty
+            n_present = present.sum().clamp(min=1.0)
+
+            seg = self._seg_terms(logits, target.expand(b, m, -1, -1))
+            weights = {"dice_ce": cfg.dice_ce, "focal": cfg.focal}
+            ious = real_iou(logits, target)
+            if seg:
+                combo = sum(weights[k] * v for k, v in seg.items())
+                best = combo.detach().argmin(dim=1)
+            else:  # no segmentation term: report the mask that is actually best
+                best = ious.argmax(dim=1)
+            rows = torch.arange(b, device=logits.device)
+
+            total = logits.new_zeros(())
+            parts: dict[str, float] = {}
+            for name, per_mask in seg.items():
+                value = (per_mask[rows, best] * present).sum() / n_present
+                total = total + weights[name] * value
+                parts[name] = float(value.detach())
+            if cfg.iou > 0:
+                value = F.mse_loss(iou_pred.float(), ious)
+                total = total + cfg.iou * value
+                parts["iou"] = float(value.detach())
+            if cfg.object_score > 0:
+                value = F.binary_cross_entropy_with_logits(
+                    object_score_logits.float(), present[:, None]
+                )
+                total = total + cfg.object_score * value
+                parts["object_score"] = float(value.detach())
+        return LossOutput(total=total, parts=parts, best_mask=best.long())

@@ -1,0 +1,1 @@
+"""medbank: curation of medical images and masks into training samples."""

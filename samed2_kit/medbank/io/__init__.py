@@ -1,0 +1,1 @@
+"""medbank.io: readers for image files, volumes and DICOM."""

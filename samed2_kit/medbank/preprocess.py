@@ -1,0 +1,181 @@
+"""Modality-aware intensity normalisation and resizing to SAM 2's input.
+
+Shared by the notebook predictor and the training dataset, so that both feed the model exactly
+the same pixels: ``normalize_intensity`` -> ``(H, W, 3)`` float32 in [0, 1], then
+``to_model_input`` -> ``(3, S, S)`` ImageNet-normalised tensor, as SAM 2's own transforms do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CT_WINDOW = (40.0, 400.0)  # (level, width) in HU: soft-tissue window
+MODALITY_ALIASES = {
+    "auto": "auto",
+    "ct": "ct",
+    "mr": "mr",
+    "mri": "mr",
+    "2d": "2d",
+    **{
+        name: "2d"
+        for name in ("rgb", "us", "xray", "endoscopy", "dermoscopy", "fundus", "pathology")
+    },
+}
+
+
+def canonical_modality(modality: str) -> str:
+    """Map a modality name or alias to one of "auto", "ct", "mr", "2d" (ValueError otherwise)."""
+    key = str(modality).lower()
+    if key not in MODALITY_ALIASES:
+        raise ValueError(
+            f"unknown modality {modality!r}; valid names: {sorted(MODALITY_ALIASES)} "
+            "(ultrasound, X-ray, endoscopy, dermoscopy, fundus, pathology and RGB all mean '2d')"
+        )
+    return MODALITY_ALIASES[key]
+
+
+def _to_three_channels(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 2:
+        x = x[:, :, None]
+    if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
+        raise ValueError(
+            f"image array has shape {x.shape}; expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+        )
+    if x.shape[2] == 4:
+        x = x[:, :, :3]
+    if x.shape[2] == 1:
+        x = np.repeat(x, 3, axis=2)
+    return x
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(x.min()), float(x.max())
+    if hi <= lo:
+        return np.zeros(x.shape, np.float32)
+    return ((x - lo) / (hi - lo)).astype(np.float32)
+
+
+def normalize_intensity(
+    array: np.ndarray,
+    modality: str = "auto",
+    window: Sequence[float] | None = None,
+    percentiles: Sequence[float] = (0.5, 99.5),
+) -> np.ndarray:
+    """Scale an image to ``(H, W, 3)`` float32 in [0, 1] by modality.
+
+    Args:
+        array: ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)`` (alpha dropped); CT in HU.
+        modality: "ct", "mr", "2d" (aliases rgb, us, xray, endoscopy, dermoscopy, fundus,
+            pathology) or "auto": uint8 or 3-channel -> 2d; signed ints or floats with
+            min < -100 -> ct (HU); otherwise 2d. A ``window`` with "auto" means ct.
+        window: CT ``(level, width)`` in HU, default (40, 400); values are clipped to
+            [level - width/2, level + width/2] and scaled to [0, 1]. CT only.
+        percentiles: MR clip range in percent; clipped values are scaled to [0, 1].
+
+    2D rule: uint8 -> /255; a float image already in [0, 1] -> as is; other ints (uint16 ...)
+    and floats -> min-max over all channels. A constant image under min-max (or MR percentiles)
+    gives zeros. Grey input is replicated to 3 channels.
+    """
+    x = np.asarray(array)
+    if x.dtype == bool:
+        x = x.astype(np.uint8) * 255
+    if x.dtype.kind not in "uif":
+        raise ValueError(f"image array has dtype {x.dtype}; expected an integer or float type")
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise ValueError(
+            "image array holds NaN or infinite values; replace them before normalising"
+        )
+    mod = canonical_modality(modality)
+    channels = x.shape[2] if x.ndim == 3 else 1
+    x = _to_three_channels(x)
+    if mod == "auto":
+        if window is not None:
+            mod = "ct"
+        elif x.dtype == np.uint8 or channels >= 3:
+            mod = "2d"
+        elif x.dtype.kind in "if" and float(x.min()) < -100:
+            mod = "ct"
+        else:
+            mod = "2d"
+    if window is not None and mod != "ct":
+        raise ValueError(f"window={window} is for CT only, but modality is {modality!r}")
+    if mod == "ct":
+        level, width = window if window is not None else DEFAULT_CT_WINDOW
+        if width <= 0:
+            raise ValueError(f"CT window width must be > 0 HU, got window={window}")
+        lo = level - width / 2.0
+        out = (np.clip(x.astype(np.float64), lo, lo + width) - lo) / width
+        return out.astype(np.float32)
+    if mod == "mr":
+        p_lo, p_hi = percentiles
+        if not 0 <= p_lo < p_hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        xf = x.astype(np.float64)
+        lo, hi = np.percentile(xf, [p_lo, p_hi])
+        if hi <= lo:
+            return np.zeros(x.shape, np.float32)
+        return ((np.clip(xf, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    if x.dtype == np.uint8:
+        return x.astype(np.float32) / 255.0
+    if x.dtype.kind == "f" and float(x.min()) >= 0.0 and float(x.max()) <= 1.0:
+        return x.astype(np.float32)
+    return _min_max(x.astype(np.float64))
+
+
+def to_model_input(image01: np.ndarray, size: int):
+    """Resize an ``(H, W, 3)`` float image in [0, 1] to ``(3, size, size)`` float32, ImageNet-normalised.
+
+    Bilinear resize with antialiasing (``align_corners=False``), then ``(x - mean) / std`` with
+    mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225): what SAM 2's transforms do.
+    The aspect ratio is not kept (SAM 2 squashes to a square too).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(np.ascontiguousarray(image01), dtype=torch.float32)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(
+            f"to_model_input expects an (H, W, 3) image in [0, 1], got shape {tuple(x.shape)}; "
+            "call normalize_intensity first"
+        )
+    x = x.permute(2, 0, 1)[None]
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return ((x - mean) / std)[0].contiguous()
+
+
+def to_model_input_batch(images01: Sequence[np.ndarray], size: int):
+    """Stack :func:`to_model_input` over images of any sizes -> ``(B, 3, size, size)`` float32."""
+    import torch
+
+    return torch.stack([to_model_input(im, size) for im in images01])
+
+
+def resize_mask(mask: np.ndarray, size: int):
+    """Resize an ``(H, W)`` bool mask to a ``(1, size, size)`` float32 tensor of {0, 1}.
+
+    Area interpolation (the fraction of each output pixel covered by the mask), kept where the
+    coverage is >= 0.5; upsampling replicates pixels (like nearest). If that rule would erase a
+    non-empty mask (a structure thinner than one output pixel), every output pixel with any
+    coverage is kept instead, so a non-empty mask stays non-empty.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"resize_mask expects an (H, W) mask, got shape {m.shape}")
+    t = torch.as_tensor(m.astype(np.float32))[None, None]
+    cover = F.interpolate(t, size=(size, size), mode="area")
+    out = (cover >= 0.5).float()
+    if out.sum() == 0 and m.any():
+        out = (cover > 0).float()
+    return out[0]

@@ -1,0 +1,130 @@
+"""The only place that touches sam2 internals (private methods, attribute layout, Hydra configs).
+
+sam2==1.1.0 is pinned exactly; if an upgrade changes what is used here, this file is what to mend.
+Never import `sam2.utils.transforms`, `sam2.sam2_image_predictor` or the automatic mask generator:
+they import torchvision, which cannot be imported on CPU torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ImageFeatures:
+    """Image features of a batch, in the layout sam2's mask decoder takes.
+
+    image_embed: (B, C, h, w) lowest-resolution embedding, h = w = S/16, C = hidden dim (256 in
+        Meta's variants); `no_mem_embed` already added (sam2's image-only path).
+    high_res: [(B, C/8, 4h, 4w), (B, C/4, 2h, 2w)] projected FPN levels for the decoder.
+    pos: (B, C, h, w) sine positional encoding of `image_embed` (for memory attention).
+    """
+
+    image_embed: torch.Tensor
+    high_res: list[torch.Tensor]
+    pos: torch.Tensor
+
+    def select(self, index: torch.Tensor | slice) -> ImageFeatures:
+        return ImageFeatures(
+            self.image_embed[index], [f[index] for f in self.high_res], self.pos[index]
+        )
+
+
+def instantiate(model_cfg) -> torch.nn.Module:
+    """Build a `SAM2Base` from an OmegaConf `model:` node with Hydra's instantiate (no global
+    Hydra state is used: sam2's package import initialises it, we never compose through it)."""
+    from hydra.utils import instantiate as hydra_instantiate
+    from omegaconf import OmegaConf
+
+    OmegaConf.resolve(model_cfg)
+    return hydra_instantiate(model_cfg, _recursive_=True)
+
+
+def encode_image(sam: torch.nn.Module, images: torch.Tensor) -> ImageFeatures:
+    """Run the image encoder on `images` (B, 3, S, S), ImageNet-normalised; exactly what sam2's
+    image predictor does in `set_image` (forward_image + no_mem_embed), batched."""
+    backbone_out = sam.forward_image(images)
+    _, vision_feats, vision_pos, feat_sizes = sam._prepare_backbone_features(backbone_out)
+    if sam.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
+    b = images.shape[0]
+    maps = [
+        f.permute(1, 2, 0).reshape(b, -1, *hw)
+        for f, hw in zip(vision_feats, feat_sizes, strict=True)
+    ]
+    pos = vision_pos[-1].permute(1, 2, 0).reshape(b, -1, *feat_sizes[-1])
+    return ImageFeatures(image_embed=maps[-1], high_res=maps[:-1], pos=pos)
+
+
+def embed_prompts(
+    sam: torch.nn.Module,
+    points: torch.Tensor | None,
+    point_labels: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    masks: torch.Tensor | None,
+    batch: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder, as sam2's image predictor calls it: box corners become points labelled 2/3,
+    placed before the clicks. Coordinates are in model-input pixels (0..S).
+
+    Returns sparse (B, N', C) and dense (B, C, h, w) embeddings.
+    """
+    coords, labels = None, None
+    if boxes is not None:
+        coords = boxes.reshape(-1, 2, 2)
+        labels = torch.tensor([[2, 3]], dtype=torch.int, device=boxes.device).expand(len(boxes), 2)
+    if points is not None:
+        plabels = point_labels.to(torch.int)
+        coords = points if coords is None else torch.cat([coords, points], dim=1)
+        labels = plabels if labels is None else torch.cat([labels, plabels], dim=1)
+    enc = sam.sam_prompt_encoder
+    if coords is None and masks is None:
+        # No prompt at all: an empty sparse set and the "no mask" dense embedding.
+        sparse = torch.empty(batch, 0, enc.embed_dim, device=enc.no_mask_embed.weight.device)
+        dense = enc.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+            batch, -1, *enc.image_embedding_size
+        )
+        return sparse, dense
+    pts = (coords, labels) if coords is not None else None
+    return enc(points=pts, boxes=None, masks=masks)
+
+
+def embed_mask(sam: torch.nn.Module, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Dense embedding of mask logits (B, 1, 4h, 4w) minus the "no mask" embedding: what adding
+    this mask as a prompt changes in the dense prompt (B, C, h, w)."""
+    enc = sam.sam_prompt_encoder
+    return enc._embed_masks(mask_logits) - enc.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+
+def dense_pe(sam: torch.nn.Module) -> torch.Tensor:
+    """Positional encoding of the image-embedding grid, (1, C, h, w)."""
+    return sam.sam_prompt_encoder.get_dense_pe()
+
+
+def decode(
+    sam: torch.nn.Module,
+    feats: ImageFeatures,
+    sparse: torch.Tensor,
+    dense: torch.Tensor,
+    multimask_output: bool,
+    repeat_image: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask decoder. Returns low-res mask logits (B, M, 4h, 4w), predicted IoU (B, M) and object
+    score logits (B, 1); M = 3 with `multimask_output`, else 1."""
+    masks, iou, _tokens, obj = sam.sam_mask_decoder(
+        image_embeddings=feats.image_embed,
+        image_pe=dense_pe(sam),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=multimask_output,
+        repeat_image=repeat_image,
+        high_res_features=feats.high_res,
+    )
+    return masks, iou, obj
+
+
+def hiera_blocks(sam: torch.nn.Module) -> torch.nn.ModuleList:
+    """The Hiera trunk's blocks: where encoder adapters attach."""
+    return sam.image_encoder.trunk.blocks

@@ -1,0 +1,150 @@
+"""Predictor: prompt a model with points, boxes and masks from a notebook.
+
+The contract of sam2's `SAM2ImagePredictor` (set_image once, predict many times; masks at the
+original resolution, scores, low-res logits), without importing torchvision, and with
+modality-aware intensity handling for medical images.
+
+    pred = Predictor(build_model("tiny", checkpoint="sam2.1_hiera_tiny.pt"))
+    pred.set_image(ct_slice_hu, modality="ct", window=(40, 400))
+    masks, scores, logits = pred.predict(box=[120, 80, 300, 260], multimask_output=False)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from samed2_kit.model._sam2 import ImageFeatures
+from samed2_kit.model.wrapper import Prompts, SAMed2Model
+
+
+class Predictor:
+    """Cache the image embedding of one image, answer prompts on it."""
+
+    def __init__(self, model: SAMed2Model, mask_threshold: float = 0.0):
+        self.model = model
+        self.mask_threshold = mask_threshold
+        self._features: ImageFeatures | None = None
+        self._orig_hw: tuple[int, int] | None = None
+        self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def set_image(
+        self,
+        image: np.ndarray,
+        modality: str = "auto",
+        window: tuple[float, float] | None = None,
+    ) -> None:
+        """Encode `image` once.
+
+        Args:
+            image: (H, W) grey or (H, W, 3) RGB; uint8, uint16 or float (CT in HU).
+            modality: "auto", "ct" (window by level/width in HU), "mr" (percentile clip) or "2d"
+                (as is); see `samed2_kit.medbank.preprocess.normalize_intensity`.
+            window: CT (level, width) in HU, default (40, 400).
+        """
+        from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
+
+        image = np.asarray(image)
+        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+            raise ValueError(
+                f"set_image: expected (H, W) or (H, W, 3) array, got shape {image.shape}; "
+                "for a volume, pass one slice (volume[z])"
+            )
+        rgb01 = normalize_intensity(image, modality=modality, window=window)
+        x = to_model_input(rgb01, self.model.image_size)[None].to(self.device)
+        self.model.eval()
+        self._features = self.model.encode(x)
+        self._orig_hw = image.shape[:2]
+        self.encoder_calls += 1
+
+    def reset_image(self) -> None:
+        self._features, self._orig_hw = None, None
+
+    def _to_model_coords(self, xy: np.ndarray) -> np.ndarray:
+        h, w = self._orig_hw
+        s = self.model.image_size
+        return xy * np.array([s / w, s / h], dtype=np.float32)
+
+    def _check_inside(self, xy: np.ndarray, what: str) -> None:
+        h, w = self._orig_hw
+        bad = (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
+        if bad.any():
+            raise ValueError(
+                f"{what} {xy[bad][0].tolist()} lies outside the {w}x{h} (WxH) image; "
+                "coordinates are (x, y) in pixels of the original image"
+            )
+
+    @torch.no_grad()
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks for the prompts on the current image.
+
+        Args:
+            point_coords: (N, 2) x, y in original-image pixels; point_labels: (N,) 1 fg / 0 bg.
+            box: (4,) x0, y0, x1, y1 in original-image pixels, or (K, 4) for K objects at once.
+            mask_input: (1, S/4, S/4) logits, e.g. `low_res_logits` of an earlier call.
+            multimask_output: three candidate masks (ambiguous prompts) instead of one.
+            return_logits: return float logits instead of boolean masks.
+
+        Returns:
+            masks (C, H, W) (or (K, C, H, W) for K boxes), scores (C,) predicted IoU,
+            low_res_logits (C, S/4, S/4); C = 3 with multimask_output, else 1.
+        """
+        if self._features is None:
+            raise RuntimeError("call set_image(image) before predict(...)")
+        if point_coords is None and box is None and mask_input is None:
+            raise ValueError("predict needs at least one prompt: point_coords, box or mask_input")
+        dev = self.device
+        boxes = None
+        if box is not None:
+            b = np.asarray(box, dtype=np.float32)
+            batched = b.ndim == 2
+            b = b.reshape(-1, 4)
+            self._check_inside(b.reshape(-1, 2), "box corner")
+            boxes = torch.from_numpy(self._to_model_coords(b.reshape(-1, 2)).reshape(-1, 4)).to(dev)
+        else:
+            batched = False
+        k = len(boxes) if boxes is not None else 1
+        points = labels = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_coords given without point_labels (1 = fg, 0 = bg)")
+            pc = np.asarray(point_coords, dtype=np.float32).reshape(-1, 2)
+            pl = np.asarray(point_labels).reshape(-1)
+            if len(pc) != len(pl):
+                raise ValueError(f"{len(pc)} point_coords but {len(pl)} point_labels")
+            self._check_inside(pc, "point")
+            points = torch.from_numpy(self._to_model_coords(pc))[None].expand(k, -1, -1).to(dev)
+            labels = torch.from_numpy(pl.astype(np.int64))[None].expand(k, -1).to(dev)
+        masks = None
+        if mask_input is not None:
+            mi = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))
+            low = self.model.image_size // 4
+            if mi.shape[-2:] != (low, low):
+                raise ValueError(
+                    f"mask_input must be (1, {low}, {low}) logits, got {tuple(mi.shape)}"
+                )
+            masks = mi.reshape(1, 1, low, low).expand(k, -1, -1, -1).to(dev)
+        feats = self._features.select(torch.zeros(k, dtype=torch.long, device=dev))
+        out = self.model.decode(feats, Prompts(points, labels, boxes, masks), multimask_output)
+        low_res = out.low_res_logits.float()
+        full = F.interpolate(low_res, size=self._orig_hw, mode="bilinear", align_corners=False)
+        result = full if return_logits else full > self.mask_threshold
+        low_res = torch.clamp(low_res, -32.0, 32.0)
+        result, scores, low_res = (t.cpu().numpy() for t in (result, out.iou.float(), low_res))
+        if not batched:
+            return result[0], scores[0], low_res[0]
+        return result, scores, low_res

@@ -1,0 +1,159 @@
+"""Seeded prompt sampling (boxes, points) from ground-truth masks, for training and evaluation.
+
+Coordinates are pixel coordinates of the given mask in SAM's (x, y) order: x = column, y = row.
+Boxes are ``xyxy`` with SAM's *max-index* convention (as SAM / MedSAM training code does):
+``x0, y0`` = min column/row, ``x1, y1`` = max column/row (not +1), so a single pixel at
+(col 5, row 7) has box (5, 7, 5, 7). Points are pixel indices: pixel (row r, col c) -> (c, r);
+SAM 2's prompt encoder adds the half-pixel shift to the centre itself (as sam2's own predictor
+expects). Every random draw comes from the ``np.random.Generator`` passed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+PROMPT_MODES = ("box", "point", "box+point")
+
+
+@dataclass
+class PromptConfig:
+    """How to prompt: ``mode`` "box" | "point" | "box+point"; box jitter as a fraction of the box
+    width/height per side; ``n_pos`` / ``n_neg`` positive / negative points."""
+
+    mode: str = "box"
+    box_jitter: float = 0.05
+    n_pos: int = 1
+    n_neg: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in PROMPT_MODES:
+            raise ValueError(f"PromptConfig.mode={self.mode!r}; valid modes: {PROMPT_MODES}")
+        if self.box_jitter < 0:
+            raise ValueError(f"PromptConfig.box_jitter={self.box_jitter} must be >= 0")
+        if self.n_pos < 0 or self.n_neg < 0:
+            raise ValueError(f"PromptConfig n_pos={self.n_pos}, n_neg={self.n_neg} must be >= 0")
+        if "point" in self.mode and self.n_pos + self.n_neg == 0:
+            raise ValueError(f"PromptConfig.mode={self.mode!r} needs n_pos + n_neg > 0")
+
+
+@dataclass
+class Prompt:
+    """A prompt: ``box`` (4,) float32 xyxy, ``points`` (N, 2) float32 xy, ``labels`` (N,) int64
+    (1 = foreground, 0 = background); unused parts are None."""
+
+    box: np.ndarray | None = None
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+
+def _check_mask(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask has shape {m.shape}; expected an (H, W) boolean mask")
+    return m.astype(bool, copy=False)
+
+
+def box_from_mask(
+    mask: np.ndarray, jitter: float = 0.0, rng: np.random.Generator | None = None
+) -> np.ndarray:
+    """Tight ``(4,)`` float32 xyxy box of an ``(H, W)`` mask (max-index convention), optionally jittered.
+
+    Each side moves by ``uniform(-jitter, jitter) * size``, size = box width (x sides) or height
+    (y sides) in pixels (max - min + 1); the result is clipped to [0, W-1] x [0, H-1] and kept
+    ordered (x0 <= x1, y0 <= y1). ``rng`` is required when ``jitter > 0``.
+    """
+    m = _check_mask(mask)
+    rows, cols = np.nonzero(m)
+    if rows.size == 0:
+        raise ValueError(
+            "mask is empty: no box can be made; drop empty masks (PairDataset(drop_empty=True)) "
+            "or give such samples a full-image box"
+        )
+    box = np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=np.float64)
+    if jitter > 0:
+        if rng is None:
+            raise ValueError("box_from_mask(jitter > 0) needs rng=np.random.default_rng(seed)")
+        w, h = box[2] - box[0] + 1, box[3] - box[1] + 1
+        box += rng.uniform(-jitter, jitter, size=4) * np.array([w, h, w, h])
+        height, width = m.shape
+        box[[0, 2]] = np.sort(np.clip(box[[0, 2]], 0, width - 1))
+        box[[1, 3]] = np.sort(np.clip(box[[1, 3]], 0, height - 1))
+    return box.astype(np.float32)
+
+
+def _pick(rows: np.ndarray, cols: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    idx = rng.choice(rows.size, size=n, replace=n > rows.size)
+    return np.stack([cols[idx], rows[idx]], axis=1).astype(np.float32)
+
+
+def sample_points(
+    mask: np.ndarray,
+    n_pos: int = 1,
+    n_neg: int = 0,
+    rng: np.random.Generator | None = None,
+    margin: float = 0.1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sample point prompts (pixel indices, x = column) of an ``(H, W)`` mask.
+
+    Positives: uniform over foreground pixels. Negatives: uniform over background pixels inside
+    the mask's box enlarged by ``margin`` of its size per side (at least 2 px), so they sit near the
+    object; if that region has no background, anywhere in the image. Points are drawn without
+    replacement unless there are fewer pixels than points.
+
+    Returns:
+        ``coords`` (n_pos + n_neg, 2) float32 xy, positives first; ``labels`` (N,) int64 1/0.
+    """
+    if rng is None:
+        raise ValueError("sample_points needs rng=np.random.default_rng(seed) (deterministic)")
+    m = _check_mask(mask)
+    parts = []
+    if n_pos > 0:
+        rows, cols = np.nonzero(m)
+        if rows.size == 0:
+            raise ValueError("mask is empty: no positive point can be sampled; drop empty masks")
+        parts.append(_pick(rows, cols, n_pos, rng))
+    if n_neg > 0:
+        bg = ~m
+        if not bg.any():
+            raise ValueError("mask covers the whole image: no negative point; set n_neg=0")
+        if m.any():
+            x0, y0, x1, y1 = box_from_mask(m)
+            dx, dy = max(2.0, margin * (x1 - x0 + 1)), max(2.0, margin * (y1 - y0 + 1))
+            near = np.zeros_like(bg)
+            near[
+                max(0, int(y0 - dy)) : int(y1 + dy) + 1, max(0, int(x0 - dx)) : int(x1 + dx) + 1
+            ] = True
+            if (bg & near).any():
+                bg = bg & near
+        rows, cols = np.nonzero(bg)
+        parts.append(_pick(rows, cols, n_neg, rng))
+    coords = np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 2), np.float32)
+    labels = np.array([1] * n_pos + [0] * n_neg, dtype=np.int64)
+    return coords, labels
+
+
+def sample_prompt(mask: np.ndarray, cfg: PromptConfig, rng: np.random.Generator) -> Prompt:
+    """Sample a :class:`Prompt` for an ``(H, W)`` mask according to ``cfg`` (box first, then points)."""
+    prompt = Prompt()
+    if "box" in cfg.mode:
+        prompt.box = box_from_mask(mask, jitter=cfg.box_jitter, rng=rng)
+    if "point" in cfg.mode:
+        prompt.points, prompt.labels = sample_points(mask, cfg.n_pos, cfg.n_neg, rng)
+    return prompt
+
+
+def scale_prompt(prompt: Prompt, orig_hw: tuple[int, int], size: int) -> Prompt:
+    """Map a prompt from an ``(H, W)`` image to a ``size x size`` model input: x * size / W, y * size / H."""
+    h, w = orig_hw
+    factor = np.array([size / w, size / h], dtype=np.float64)
+    box = None
+    if prompt.box is not None:
+        box = (np.asarray(prompt.box, np.float64).reshape(2, 2) * factor).reshape(4)
+        box = box.astype(np.float32)
+    points = None
+    if prompt.points is not None:
+        points = (np.asarray(prompt.points, np.float64) * factor).astype(np.float32)
+    labels = None if prompt.labels is None else np.asarray(prompt.labels, np.int64).copy()
+    return Prompt(box=box, points=points, labels=labels)

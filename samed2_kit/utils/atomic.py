@@ -1,0 +1,55 @@
+"""Write files and folders atomically: to a temporary sibling, renamed into place on success.
+
+A crash or an exception leaves the destination as it was (absent or the previous version), never a
+partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(dest: str | Path, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; on success rename it to `dest` (replacing it).
+
+    Args:
+        dest: the final file (or folder, with `directory=True`).
+        directory: create the temporary path as an empty folder instead of a file name.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{dest.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if directory and dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            dest.rename(old)
+            tmp.rename(dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(dest: str | Path, text: str) -> Path:
+    """Atomically write a text file."""
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text)
+    return Path(dest)

@@ -1,0 +1,115 @@
+"""Tests for samed2_kit.prompts: box convention, jitter, point sampling, scaling."""
+
+import numpy as np
+import pytest
+
+from samed2_kit.prompts import (
+    Prompt,
+    PromptConfig,
+    box_from_mask,
+    sample_points,
+    sample_prompt,
+    scale_prompt,
+)
+
+
+def _rect(h=60, w=80, rows=(10, 20), cols=(30, 50)):
+    mask = np.zeros((h, w), bool)
+    mask[rows[0] : rows[1], cols[0] : cols[1]] = True
+    return mask
+
+
+def test_tight_box_uses_max_index():
+    box = box_from_mask(_rect())
+    assert box.dtype == np.float32 and box.shape == (4,)
+    np.testing.assert_array_equal(box, [30, 10, 49, 19])
+    single = np.zeros((5, 9), bool)
+    single[3, 7] = True
+    np.testing.assert_array_equal(box_from_mask(single), [7, 3, 7, 3])
+
+
+def test_empty_mask_box_is_a_clear_error():
+    with pytest.raises(ValueError, match="mask is empty"):
+        box_from_mask(np.zeros((4, 4), bool))
+    with pytest.raises(ValueError, match="rng"):
+        box_from_mask(_rect(), jitter=0.1)
+
+
+def test_jitter_bounds_and_determinism():
+    mask = _rect()
+    tight = box_from_mask(mask)
+    w, h = 20, 10  # pixel extents of the rectangle
+    boxes = np.stack([box_from_mask(mask, 0.2, np.random.default_rng(s)) for s in range(200)])
+    limit = 0.2 * np.array([w, h, w, h]) + 1e-4
+    assert np.all(np.abs(boxes - tight) <= limit)
+    assert np.all(boxes[:, 0] <= boxes[:, 2]) and np.all(boxes[:, 1] <= boxes[:, 3])
+    assert len({tuple(b) for b in boxes}) == 200  # every seed moves the box differently
+    a = box_from_mask(mask, 0.2, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, box_from_mask(mask, 0.2, np.random.default_rng(7)))
+    # a mask touching the image border: jittered boxes stay inside [0, W-1] x [0, H-1]
+    edge = _rect(rows=(0, 60), cols=(70, 80))
+    for s in range(100):
+        x0, y0, x1, y1 = box_from_mask(edge, 0.5, np.random.default_rng(s))
+        assert 0 <= x0 <= x1 <= 79 and 0 <= y0 <= y1 <= 59
+
+
+def test_points_inside_and_outside():
+    mask = _rect()
+    rng = np.random.default_rng(3)
+    coords, labels = sample_points(mask, n_pos=20, n_neg=20, rng=rng)
+    assert coords.dtype == np.float32 and coords.shape == (40, 2)
+    assert labels.dtype == np.int64 and labels.tolist() == [1] * 20 + [0] * 20
+    np.testing.assert_array_equal(coords, np.round(coords))  # pixel indices (SAM adds +0.5)
+    cols, rows = np.floor(coords).astype(int).T
+    assert mask[rows[:20], cols[:20]].all()
+    assert not mask[rows[20:], cols[20:]].any()
+    # negatives sit near the object: inside the box enlarged by 10% (>= 2 px) per side
+    assert cols[20:].min() >= 30 - 2 and cols[20:].max() <= 49 + 2
+    assert rows[20:].min() >= 10 - 2 and rows[20:].max() <= 19 + 2
+    again = sample_points(mask, 20, 20, np.random.default_rng(3))
+    np.testing.assert_array_equal(coords, again[0])
+
+
+def test_points_edge_cases():
+    full = np.ones((3, 3), bool)
+    with pytest.raises(ValueError, match="n_neg=0"):
+        sample_points(full, 1, 1, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="empty"):
+        sample_points(np.zeros((3, 3), bool), 1, 0, np.random.default_rng(0))
+    one = np.zeros((5, 5), bool)
+    one[2, 2] = True
+    coords, _ = sample_points(one, 3, 0, np.random.default_rng(0))  # more points than pixels
+    np.testing.assert_array_equal(coords, [[2.0, 2.0]] * 3)
+    # the whole neighbourhood is foreground: negatives come from anywhere else
+    big = np.ones((40, 40), bool)
+    big[0, 0] = False
+    coords, _ = sample_points(big, 0, 2, np.random.default_rng(0))
+    np.testing.assert_array_equal(coords, [[0.0, 0.0]] * 2)
+
+
+def test_sample_prompt_modes_and_config_validation():
+    mask, rng = _rect(), np.random.default_rng(0)
+    p = sample_prompt(mask, PromptConfig(), rng)
+    assert p.box is not None and p.points is None and p.labels is None
+    p = sample_prompt(mask, PromptConfig(mode="point", n_pos=2, n_neg=1), rng)
+    assert p.box is None and p.points.shape == (3, 2) and p.labels.tolist() == [1, 1, 0]
+    p = sample_prompt(mask, PromptConfig(mode="box+point", box_jitter=0.0), rng)
+    np.testing.assert_array_equal(p.box, [30, 10, 49, 19])
+    assert p.points.shape == (1, 2)
+    with pytest.raises(ValueError, match="valid modes"):
+        PromptConfig(mode="scribble")
+    with pytest.raises(ValueError, match="n_pos"):
+        PromptConfig(mode="point", n_pos=0, n_neg=0)
+
+
+def test_scale_prompt():
+    prompt = Prompt(
+        box=np.array([0, 0, 800, 540], np.float32),
+        points=np.array([[400, 270], [200, 135]], np.float32),
+        labels=np.array([1, 0]),
+    )
+    out = scale_prompt(prompt, (540, 800), 256)
+    np.testing.assert_allclose(out.box, [0, 0, 256, 256])
+    np.testing.assert_allclose(out.points, [[128, 128], [64, 64]])
+    assert out.box.dtype == np.float32 and out.labels.dtype == np.int64
+    assert scale_prompt(Prompt(), (10, 10), 5) == Prompt()
