@@ -50,6 +50,7 @@ class DataConfig:
     split_seed: int = 0
     prompt: PromptConfig = field(default_factory=PromptConfig)
     augment: bool = True
+    cache_decoded: bool = False  # keep decoded images in memory (small sets: faster epochs)
     num_workers: int = 0
 
 

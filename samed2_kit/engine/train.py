@@ -98,6 +98,7 @@ def make_loader(recipe: Recipe, records, seed: int):
         prompt=recipe.data.prompt,
         seed=seed,
         augment=recipe.data.augment,
+        cache=recipe.data.cache_decoded,
     )
     if len(ds) < recipe.train.batch_size:
         raise ValueError(

@@ -19,6 +19,27 @@ if TYPE_CHECKING:
     from samed2_kit.medbank.pairs import PairRecord
 
 
+def augment_pair(img01: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    """Seeded augmentation of an image (H, W, 3) float [0, 1] and its mask (H, W) bool, together:
+    horizontal flip (p=0.5); a small affine (rotation +-20 deg, scale 0.85-1.15, shift +-5% of the
+    size; p=0.8; bilinear image, nearest mask, zero fill); intensity scale 0.9-1.1, shift +-0.05.
+    A mask that the affine would push out of the image keeps the un-transformed pair."""
+    import cv2
+
+    if rng.random() < 0.5:
+        img01, mask = img01[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.8:
+        h, w = mask.shape
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-20, 20), rng.uniform(0.85, 1.15))
+        m[:, 2] += rng.uniform(-0.05, 0.05, 2) * (w, h)
+        warped = cv2.warpAffine(mask.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
+        if warped.sum() >= 0.5 * mask.sum() > 0:
+            img01 = cv2.warpAffine(np.ascontiguousarray(img01), m, (w, h), flags=cv2.INTER_LINEAR)
+            mask = warped
+    img01 = np.clip(img01 * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05), 0, 1)
+    return img01, mask
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Samples of image/mask pairs at ``image_size`` with seeded prompts, as dicts (see ``collate``).
 
@@ -29,8 +50,9 @@ class PairDataset(torch.utils.data.Dataset):
     ``np.random.default_rng([seed, epoch, i])``: call ``set_epoch`` every epoch for new prompts
     (with DataLoader workers, not persistent ones). Empty masks are dropped at construction when
     ``drop_empty`` (``self.dropped`` lists them); otherwise they get a full-image box and no
-    points. ``augment``: seeded horizontal flip (p=0.5) and intensity scale 0.9-1.1 and shift
-    +-0.05, on image and mask together, before prompt sampling.
+    points. ``augment``: seeded flip, small affine and intensity changes (``augment_pair``), on
+    image and mask together, before prompt sampling. ``cache``: keep decoded files in
+    memory (for small sets; each DataLoader worker holds its own copy).
     """
 
     def __init__(
@@ -41,15 +63,25 @@ class PairDataset(torch.utils.data.Dataset):
         seed: int = 0,
         augment: bool = False,
         drop_empty: bool = True,
+        cache: bool = False,
     ) -> None:
         self.image_size, self.prompt = int(image_size), prompt or PromptConfig()
         self.seed, self.augment, self.epoch = int(seed), augment, 0
+        self._cache: dict[str, np.ndarray] | None = {} if cache else None
         records = list(records)
         empty = [not read_mask(r.mask_path).any() for r in records] if drop_empty else []
         self.dropped = [r for r, e in zip(records, empty, strict=False) if e]
         self.records = (
             [r for r, e in zip(records, empty, strict=False) if not e] if drop_empty else records
         )
+
+    def _read(self, path: str, reader) -> np.ndarray:
+        """Decode a file, or take it from the in-memory cache (``cache=True``: small sets)."""
+        if self._cache is None:
+            return reader(path)
+        if path not in self._cache:
+            self._cache[path] = reader(path)
+        return self._cache[path]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -60,7 +92,7 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         i = range(len(self.records))[i]
         rec, size = self.records[i], self.image_size
-        image, mask = read_image(rec.image_path), read_mask(rec.mask_path)
+        image, mask = self._read(rec.image_path, read_image), self._read(rec.mask_path, read_mask)
         if image.shape[:2] != mask.shape:
             raise ValueError(
                 f"mask {rec.mask_path} is {mask.shape[0]}x{mask.shape[1]} (HxW), image "
@@ -69,10 +101,9 @@ class PairDataset(torch.utils.data.Dataset):
             )
         img01 = normalize_intensity(image, rec.intensity, window=rec.window)
         if self.augment:
-            aug = np.random.default_rng([self.seed, self.epoch, i, 1])
-            if aug.random() < 0.5:
-                img01, mask = img01[:, ::-1], mask[:, ::-1]
-            img01 = np.clip(img01 * aug.uniform(0.9, 1.1) + aug.uniform(-0.05, 0.05), 0, 1)
+            img01, mask = augment_pair(
+                img01, mask, np.random.default_rng([self.seed, self.epoch, i, 1])
+            )
         h, w = mask.shape
         rng = np.random.default_rng([self.seed, self.epoch, i])
         full = Prompt(box=np.array([0, 0, w - 1, h - 1], np.float32))
