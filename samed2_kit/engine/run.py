@@ -96,6 +96,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
         "training": f"{recipe.train.steps} steps x batch {recipe.train.batch_size}, mode "
         f"{recipe.train.mode}, {result.trainable_params:,} trainable parameters, "
         f"precision {result.mixed_precision}, {result.seconds:.0f} s on {accel.device} "
+        f"x {accel.num_processes} process(es) "
         f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "data": ", ".join(f"{k}: {v} samples" for k, v in counts.items()),
         "eval_prompt": recipe.eval.prompt,
