@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from samed2_kit.config import Recipe, from_dict, load_recipe
+    from samed2_kit.config import Recipe, apply_overrides, from_dict, load_recipe
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine.checkpoint import load_model
     from samed2_kit.engine.run import load_splits
@@ -63,8 +63,6 @@ def cmd_eval(args) -> int:
         saved = json.loads(((run if run.is_dir() else run.parent) / "model.json").read_text())
         if "recipe" not in saved:
             raise ValueError(f"{run} has no recipe in model.json: pass --recipe RECIPE.yaml")
-        from samed2_kit.config import apply_overrides
-
         recipe = from_dict(Recipe, apply_overrides(saved["recipe"], args.overrides), "", str(run))
     records = load_splits(recipe)[recipe.eval.split]
     rows, _ = ev.evaluate(model, records, recipe.eval.prompt, recipe.eval.nsd_tolerance_mm)

@@ -39,9 +39,8 @@ def gt_prompt(mask: np.ndarray, protocol: str) -> dict:
 
     if protocol not in PROTOCOLS:
         raise ValueError(f"eval.prompt={protocol!r}: choose one of {PROTOCOLS}")
-    box = box_from_mask(mask)
     if protocol == "box":
-        return {"box": box}
+        return {"box": box_from_mask(mask)}
     dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
     y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
     return {"point_coords": np.array([[x, y]], np.float32), "point_labels": np.array([1])}
@@ -56,13 +55,15 @@ def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
 
 
 def evaluate(model, records, protocol: str = "box", nsd_tolerance_mm: float = 2.0, progress=True):
-    """Evaluate `model` on pair records; returns (rows, predictions) where predictions[i] is the
-    predicted mask (H, W) bool of records[i] (kept for overlays)."""
+    """Evaluate `model` on pair records; returns (rows, predictions), predictions[i] being the
+    predicted mask (H, W) bool of rows[i] (kept for overlays). Samples with an empty ground truth
+    are skipped (no prompt can be made from them). The box baseline always uses the tight box."""
     from tqdm.auto import tqdm
 
     from samed2_kit.medbank.io.image import read_image, read_mask
     from samed2_kit.metrics import case_metrics
     from samed2_kit.model.predictor import Predictor
+    from samed2_kit.prompts import box_from_mask
 
     was_training = model.training
     predictor = Predictor(model)
@@ -79,7 +80,7 @@ def evaluate(model, records, protocol: str = "box", nsd_tolerance_mm: float = 2.
                 pred = masks[0]
                 m = case_metrics(pred, gt, rec.spacing, nsd_tolerance_mm)
                 b = case_metrics(
-                    box_mask(gt.shape, box_from(prompt, gt)), gt, rec.spacing, nsd_tolerance_mm
+                    box_mask(gt.shape, box_from_mask(gt)), gt, rec.spacing, nsd_tolerance_mm
                 )
                 rows.append(
                     CaseRow(rec.sample_id, rec.case_id, rec.task, rec.label,
@@ -89,12 +90,6 @@ def evaluate(model, records, protocol: str = "box", nsd_tolerance_mm: float = 2.
     finally:
         model.train(was_training)
     return rows, preds
-
-
-def box_from(prompt: dict, gt: np.ndarray) -> np.ndarray:
-    from samed2_kit.prompts import box_from_mask
-
-    return prompt["box"] if "box" in prompt else box_from_mask(gt)
 
 
 def summarize(rows: list[CaseRow]) -> dict:
