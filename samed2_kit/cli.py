@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     e.set_defaults(func=cmd_eval)
 
+    from samed2_kit.medbank.cli import add_parser as add_medbank
+
+    add_medbank(sub)
+
     i = sub.add_parser("info", help="versions and model variants")
     i.set_defaults(func=cmd_info)
     return p

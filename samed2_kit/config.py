@@ -113,8 +113,13 @@ def _coerce(value: Any, tp, where: str, source: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where} in {source} must be a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        return {k: _coerce(v, vt, f"{where}.{k}", source) for k, v in value.items()}
+        kt, vt = typing.get_args(tp)
+        out = {}
+        for k, v in value.items():
+            if kt is int and isinstance(k, str) and k.strip().lstrip("-").isdigit():
+                k = int(k)  # JSON-style "1": name
+            out[_coerce(k, kt, f"{where} key {k!r}", source)] = _coerce(v, vt, f"{where}.{k}", source)
+        return out
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -19,25 +19,45 @@ if TYPE_CHECKING:
     from samed2_kit.medbank.pairs import PairRecord
 
 
+def augment_clip(
+    images01: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    rng: np.random.Generator,
+    ref: int | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One seeded augmentation applied identically to T images (H, W, 3) float [0, 1] and T masks
+    (H, W) bool of one size (the slices of a clip): the ``augment_pair`` transforms, drawn once.
+    The affine is kept only if it leaves at least half of ``masks[ref]`` (default: the middle,
+    T // 2) in the image; otherwise every slice keeps its un-transformed geometry."""
+    import cv2
+
+    images01, masks = list(images01), list(masks)
+    ref = len(masks) // 2 if ref is None else ref
+    if rng.random() < 0.5:
+        images01, masks = [x[:, ::-1] for x in images01], [m[:, ::-1] for m in masks]
+    if rng.random() < 0.8:
+        h, w = masks[ref].shape
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-20, 20), rng.uniform(0.85, 1.15))
+        m[:, 2] += rng.uniform(-0.05, 0.05, 2) * (w, h)
+
+        def warp(x, flags):
+            return cv2.warpAffine(np.ascontiguousarray(x), m, (w, h), flags=flags)
+
+        warped = [warp(k.astype(np.uint8), cv2.INTER_NEAREST) > 0 for k in masks]
+        if warped[ref].sum() >= 0.5 * masks[ref].sum() > 0:
+            images01, masks = [warp(x, cv2.INTER_LINEAR) for x in images01], warped
+    scale, shift = rng.uniform(0.9, 1.1), rng.uniform(-0.05, 0.05)
+    return [np.clip(x * scale + shift, 0, 1) for x in images01], masks
+
+
 def augment_pair(img01: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
     """Seeded augmentation of an image (H, W, 3) float [0, 1] and its mask (H, W) bool, together:
     horizontal flip (p=0.5); a small affine (rotation +-20 deg, scale 0.85-1.15, shift +-5% of the
     size; p=0.8; bilinear image, nearest mask, zero fill); intensity scale 0.9-1.1, shift +-0.05.
-    A mask that the affine would push out of the image keeps the un-transformed pair."""
-    import cv2
-
-    if rng.random() < 0.5:
-        img01, mask = img01[:, ::-1], mask[:, ::-1]
-    if rng.random() < 0.8:
-        h, w = mask.shape
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-20, 20), rng.uniform(0.85, 1.15))
-        m[:, 2] += rng.uniform(-0.05, 0.05, 2) * (w, h)
-        warped = cv2.warpAffine(mask.astype(np.uint8), m, (w, h), flags=cv2.INTER_NEAREST) > 0
-        if warped.sum() >= 0.5 * mask.sum() > 0:
-            img01 = cv2.warpAffine(np.ascontiguousarray(img01), m, (w, h), flags=cv2.INTER_LINEAR)
-            mask = warped
-    img01 = np.clip(img01 * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05), 0, 1)
-    return img01, mask
+    A mask that the affine would push out of the image keeps the un-transformed pair.
+    (``augment_clip`` with one slice; it applies the same draw to several slices.)"""
+    images, masks = augment_clip([img01], [mask], rng)
+    return images[0], masks[0]
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -179,3 +179,32 @@ def resize_mask(mask: np.ndarray, size: int):
     if out.sum() == 0 and m.any():
         out = (cover > 0).float()
     return out[0]
+
+
+def volume_to_uint8(array: np.ndarray, modality: str, intensity) -> np.ndarray:
+    """A whole volume (Z, Y, X) or (Z, Y, X, 3) to 8-bit, by `intensity` (a medbank IntensitySpec).
+
+    Statistics (percentiles, z-score mean/std) are taken over the whole volume, so all slices of a
+    case share one mapping. CT windows are in HU; z-scores in [-3, 3] map to [0, 255].
+    """
+    mode = intensity.mode
+    if mode == "auto":
+        mode = {"ct": "window", "mr": "percentile", "pet": "percentile"}.get(modality, "as_is")
+    a = np.asarray(array)
+    if mode == "as_is":
+        if a.dtype == np.uint8:
+            return a
+        return (_min_max(a.astype(np.float32)) * 255).round().astype(np.uint8)
+    a = a.astype(np.float32)
+    if mode == "window":
+        level, width = intensity.window or DEFAULT_CT_WINDOW
+        lo, hi = level - width / 2, level + width / 2
+    elif mode == "percentile":
+        lo, hi = np.percentile(a, intensity.percentiles)
+    else:  # zscore
+        lo_c, hi_c = intensity.clip or (-1000.0, 1000.0)
+        a = np.clip(a, lo_c, hi_c)
+        a = (a - a.mean()) / max(float(a.std()), 1e-6)
+        lo, hi = -3.0, 3.0
+    scaled = (np.clip(a, lo, hi) - lo) / max(float(hi - lo), 1e-6)
+    return (scaled * 255).round().astype(np.uint8)

@@ -1,0 +1,248 @@
+"""torch Dataset over a medbank store: clips of T adjacent slices with seeded prompts.
+
+Reads ``STORE/images`` and ``STORE/samples`` (see :mod:`samed2_kit.medbank.schema`) memory-mapped
+with ``datasets.load_from_disk``; PNG cells are read as bytes (``Image(decode=False)``) and decoded
+with OpenCV. Items are clips; ``collate_clips`` flattens them into the model's ``(B*T, ...)``
+layout, clip-major, which with T = 1 is what ``pair_dataset.collate`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samed2_kit.medbank.pair_dataset import augment_clip, collate
+from samed2_kit.medbank.preprocess import normalize_intensity, resize_mask, to_model_input
+from samed2_kit.medbank.schema import IMAGES_DIR, MANIFEST, SAMPLES_DIR, SCHEMA_VERSION
+from samed2_kit.prompts import Prompt, PromptConfig, sample_prompt, scale_prompt
+
+SAMPLE_COLUMNS = (
+    "mask", "image_row", "neighbors", "neighbor_samples", "label", "modality", "task",
+    "case_id", "slice_index", "spacing", "split",
+)  # fmt: skip
+
+
+def decode_png(cell: dict | None, where: str) -> np.ndarray:
+    """Decode an ``Image(decode=False)`` cell ``{"bytes", "path"}`` -> (H, W) grey or (H, W, 3|4)
+    RGB(A) array, dtype as stored (uint8; uint16 stays uint16). ``where`` names the cell in errors."""
+    import cv2
+
+    data = (cell or {}).get("bytes")
+    if data is None and (cell or {}).get("path"):
+        path = Path(cell["path"])
+        if not path.is_file():
+            raise ValueError(f"{where}: image file {path} is gone; rebuild the store (it embeds PNGs)")
+        data = path.read_bytes()
+    if data is None:
+        raise ValueError(f"{where}: the cell holds neither bytes nor a path; rebuild the store")
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ValueError(f"{where}: the bytes are not a decodable image; rebuild the store")
+    if arr.ndim == 3:  # OpenCV gives BGR(A)
+        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB if arr.shape[2] == 3 else cv2.COLOR_BGRA2RGBA)
+    return arr
+
+
+def open_store(store_dir: str | Path):
+    """Open a store's ``(images, samples)`` tables, memory-mapped, PNG columns as raw bytes.
+
+    ``images`` keeps only its ``image`` column. ValueError if the folders, the schema version
+    or sample columns are not what :mod:`samed2_kit.medbank.schema` describes."""
+    from datasets import Image, load_from_disk
+
+    root = Path(store_dir)
+    missing = [d for d in (IMAGES_DIR, SAMPLES_DIR) if not (root / d).is_dir()]
+    if missing:
+        raise ValueError(
+            f"store {root} has no {' or '.join(d + '/' for d in missing)}: not a medbank store; "
+            f"build one with `samed2 medbank build SOURCES... --out {root}`"
+        )
+    if (root / MANIFEST).is_file():
+        version = json.loads((root / MANIFEST).read_text()).get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"store {root}: {MANIFEST} schema_version {version}, this samed2_kit reads "
+                f"{SCHEMA_VERSION}; rebuild the store with this version"
+            )
+    images = load_from_disk(str(root / IMAGES_DIR))
+    samples = load_from_disk(str(root / SAMPLES_DIR))
+    absent = [c for c in SAMPLE_COLUMNS if c not in samples.column_names]
+    if "image" not in images.column_names or absent:
+        raise ValueError(
+            f"store {root}: missing columns {absent or ['images/image']}; rebuild the store "
+            "with this samed2_kit version"
+        )
+    images = images.select_columns(["image"]).cast_column("image", Image(decode=False))
+    return images, samples.cast_column("mask", Image(decode=False))
+
+
+def _select_rows(samples, store, split, tasks, modalities) -> np.ndarray:
+    """Sample rows of ``split`` (and of ``tasks`` / ``modalities`` if given), from the columns
+    alone (Arrow compute on the memory-mapped table; no image is decoded)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    cols = samples.select_columns(["split", "task", "modality"]).with_format("arrow")[:]
+    keep = pc.fill_null(pc.equal(cols["split"], split), False)
+    if not pc.any(keep).as_py():
+        splits = sorted(str(s) for s in pc.unique(cols["split"]).to_pylist())
+        raise ValueError(
+            f"store {store} has no samples of split {split!r}; its splits: {splits}. Pass one "
+            "of them, or rebuild the store with that split"
+        )
+    for name, wanted in (("task", tasks), ("modality", modalities)):
+        if wanted is None:
+            continue
+        present = set(pc.unique(cols[name].filter(keep)).to_pylist())
+        unknown = sorted(set(wanted) - present)
+        if unknown:
+            raise ValueError(
+                f"store {store}: no {name} {unknown} in split {split!r}; its {name} values "
+                f"there: {sorted(map(str, present))}. Fix the {name}s filter"
+            )
+        keep = pc.and_(keep, pc.is_in(cols[name], value_set=pa.array(list(wanted), pa.string())))
+    return np.flatnonzero(keep.to_numpy(zero_copy_only=False)).astype(np.int64)
+
+
+class StoreDataset(torch.utils.data.Dataset):
+    """Clips of ``clip_len`` = T adjacent slices from a medbank store, with seeded prompts.
+
+    Item ``i`` is sample row ``rows[i]`` (its split/task/modality selected at construction): the
+    T image rows ``neighbors[c - T//2 : c - T//2 + T]`` (c = len(neighbors) // 2; the centre
+    slice sits at position T // 2; for even T the extra slice is before it; edge slices repeat as
+    stored), decoded (grey -> 3 channels, uint8 / 255) and their masks of the same label from
+    ``neighbor_samples`` (-1 -> empty). ``augment``: one seeded flip/affine/intensity draw
+    (``augment_clip``, rng ``[seed, epoch, i, 1]``) applied to all T slices. The prompt comes
+    from the centre mask (rng ``[seed, epoch, i]``; an empty mask gets a full-image box) and
+    serves every slice. Call ``set_epoch`` every epoch (DataLoader workers: not persistent).
+
+    Keys: ``image`` (T, 3, S, S) float32 ImageNet-normalised; ``mask`` (T, 1, S, S) float32
+    {0, 1}; ``box`` (4,) float32 xyxy in S-space (zeros unless ``has_box``); ``points`` (N, 2)
+    float32 xy in S-space; ``point_labels`` (N,) int64; ``orig_hw`` (H, W) of the stored image;
+    ``spacing`` (z, y, x) mm; ``slice_index`` of the centre; ``case_id``, ``sample_id``
+    (``"{case_id}#{label}@{slice_index}"``), ``task``, ``label``, ``modality``.
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        split: str = "train",
+        clip_len: int = 1,
+        image_size: int = 256,
+        prompt: PromptConfig | None = None,
+        seed: int = 0,
+        augment: bool = False,
+        tasks: list[str] | None = None,
+        modalities: list[str] | None = None,
+    ) -> None:
+        self.store_dir, self.split, self.clip_len = Path(store_dir), split, int(clip_len)
+        self.image_size, self.prompt = int(image_size), prompt or PromptConfig()
+        self.seed, self.augment, self.epoch = int(seed), augment, 0
+        if self.clip_len < 1:
+            raise ValueError(f"clip_len={clip_len}: a clip has at least 1 slice")
+        self._images, self._samples = open_store(self.store_dir)
+        self._masks = self._samples.select_columns(["mask"])
+        self.rows = _select_rows(self._samples, self.store_dir, split, tasks, modalities)
+        self._check_clip_len()
+
+    def _check_clip_len(self) -> None:
+        import pyarrow.compute as pc
+
+        nb = self._samples.select_columns(["neighbors"]).with_format("arrow")["neighbors"]
+        have = pc.min(pc.list_value_length(nb).take(self.rows)).as_py()
+        need = 2 * (self.clip_len // 2) + 1
+        if have < need:
+            raise ValueError(
+                f"clip_len={self.clip_len} needs {need} neighbours per sample, but the store "
+                f"{self.store_dir} has {have} (clip_radius {have // 2}): use clip_len <= {have}, "
+                f"or rebuild it with clip_radius >= {self.clip_len // 2}"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _masks_of(self, rows: Sequence[int], where: str) -> dict[int, np.ndarray]:
+        uniq = sorted({r for r in rows if r >= 0})
+        cells = self._masks[uniq]["mask"] if uniq else []
+        return {r: decode_png(c, f"{where}, mask of sample row {r}") > 0 for r, c in zip(uniq, cells)}
+
+    def __getitem__(self, i: int) -> dict:
+        i = range(len(self.rows))[i]
+        row, size, t = int(self.rows[i]), self.image_size, self.clip_len
+        s = self._samples[row]
+        where = f"store {self.store_dir} samples row {row} ({s['case_id']} slice {s['slice_index']})"
+        start = len(s["neighbors"]) // 2 - t // 2
+        img_rows = s["neighbors"][start : start + t]
+        mask_rows = list(s["neighbor_samples"][start : start + t])
+        mask_rows[t // 2] = row  # the centre is the sample itself
+        uniq = sorted(set(img_rows))
+        decoded = {
+            r: normalize_intensity(decode_png(c, f"{where}, image row {r}"), "2d")
+            for r, c in zip(uniq, self._images[uniq]["image"])
+        }
+        masks_by_row = self._masks_of(mask_rows, where)
+        h, w = masks_by_row[row].shape
+        bad = [r for r in uniq if decoded[r].shape[:2] != (h, w)]
+        if bad:
+            raise ValueError(
+                f"{where}: image rows {bad} are not {h}x{w} like its mask; all slices of a case "
+                "must have one size: rebuild the store"
+            )
+        images = [decoded[r] for r in img_rows]
+        masks = [masks_by_row[r] if r >= 0 else np.zeros((h, w), bool) for r in mask_rows]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, i, 1])
+            images, masks = augment_clip(images, masks, rng, ref=t // 2)
+        centre = masks[t // 2]
+        full = Prompt(box=np.array([0, 0, w - 1, h - 1], np.float32))
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        p = scale_prompt(
+            sample_prompt(centre, self.prompt, rng) if centre.any() else full, (h, w), size
+        )
+        return {
+            "image": torch.stack(
+                [to_model_input(np.ascontiguousarray(x, np.float32), size) for x in images]
+            ),
+            "mask": torch.stack([resize_mask(np.ascontiguousarray(m), size) for m in masks]),
+            "box": torch.from_numpy(p.box if p.box is not None else np.zeros(4, np.float32)),
+            "has_box": p.box is not None,
+            "points": torch.from_numpy(
+                p.points if p.points is not None else np.zeros((0, 2), np.float32)
+            ),
+            "point_labels": torch.from_numpy(
+                p.labels if p.labels is not None else np.zeros(0, np.int64)
+            ),
+            "orig_hw": (h, w), "spacing": tuple(float(v) for v in s["spacing"]),
+            "case_id": s["case_id"], "task": s["task"], "label": s["label"],
+            "sample_id": f"{s['case_id']}#{s['label']}@{s['slice_index']}",
+            "modality": s["modality"], "slice_index": int(s["slice_index"]),
+        }  # fmt: skip
+
+
+def collate_clips(batch: Sequence[dict]) -> dict:
+    """Batch B :class:`StoreDataset` clips of T slices into the model's layout, clip-major (row
+    ``b * T + t`` is clip b's slice t): ``image`` (B*T, 3, S, S), ``mask`` (B*T, 1, S, S);
+    each clip's prompt repeated over its slices: ``box`` (B*T, 4), ``has_box`` (B*T,),
+    ``points`` (B*T, N, 2) and ``point_labels`` (B*T, N), padded to the largest N with label -1;
+    per clip: ``orig_hw`` (B, 2) int64, ``spacing`` (B, 3) float64 mm, ``slice_index`` (B,)
+    int64 (centre slices), strings as lists of length B; ``clip_len`` T (int). With T = 1 the
+    keys of ``pair_dataset.collate`` have its shapes (``spacing`` has 3 values, not 2)."""
+    t = int(batch[0]["image"].shape[0])
+    if any(b["image"].shape[0] != t for b in batch):
+        lens = [int(b["image"].shape[0]) for b in batch]
+        raise ValueError(f"collate_clips: clips of different lengths {lens}; use one clip_len")
+    out = collate([{**b, "image": b["image"][0], "mask": b["mask"][0]} for b in batch])
+    out["image"] = torch.cat([b["image"] for b in batch])
+    out["mask"] = torch.cat([b["mask"] for b in batch])
+    for key in ("box", "has_box", "points", "point_labels"):
+        out[key] = out[key].repeat_interleave(t, dim=0)
+    out["slice_index"] = torch.tensor([b["slice_index"] for b in batch], dtype=torch.int64)
+    out["clip_len"] = t
+    return out

@@ -1,0 +1,129 @@
+"""Open, summarise and verify a medbank store."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from samed2_kit.medbank.schema import IMAGES_DIR, MANIFEST, SAMPLES_DIR
+
+
+def open_store(path: str | Path):
+    """(manifest dict, images Dataset, samples Dataset), memory-mapped."""
+    from datasets import load_from_disk
+
+    path = Path(path)
+    missing = [p for p in (MANIFEST, IMAGES_DIR, SAMPLES_DIR) if not (path / p).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{path} is not a medbank store (missing {missing}): build one with "
+            "`samed2 medbank build SPEC --out DIR`"
+        )
+    manifest = json.loads((path / MANIFEST).read_text())
+    return manifest, load_from_disk(str(path / IMAGES_DIR)), load_from_disk(str(path / SAMPLES_DIR))
+
+
+def info_table(path: str | Path) -> str:
+    """Sample counts by modality / task / split, as a Markdown table."""
+    manifest, images, samples = open_store(path)
+    cols = samples.select_columns(["modality", "task", "split", "case_id"]).to_pandas()
+    splits = sorted(cols["split"].unique())
+    lines = [
+        f"store {path}: {manifest['name']}, {len(images)} images, {len(samples)} samples, "
+        f"{cols['case_id'].nunique()} cases, built by {manifest['tool']}",
+        "",
+        "| modality | task | " + " | ".join(splits) + " | cases | total |",
+        "| --- | --- | " + " | ".join("---" for _ in splits) + " | --- | --- |",
+    ]
+    for (mod, task), g in cols.groupby(["modality", "task"]):
+        by = g["split"].value_counts()
+        cells = " | ".join(str(int(by.get(s, 0))) for s in splits)
+        lines.append(f"| {mod} | {task} | {cells} | {g['case_id'].nunique()} | {len(g)} |")
+    tot = cols["split"].value_counts()
+    lines.append(
+        "| **all** | | "
+        + " | ".join(str(int(tot.get(s, 0))) for s in splits)
+        + f" | {cols['case_id'].nunique()} | {len(cols)} |"
+    )
+    if manifest.get("skipped"):
+        lines += [
+            "",
+            f"{len(manifest['skipped'])} inputs were skipped at build (see manifest.json)",
+        ]
+    return "\n".join(lines)
+
+
+@dataclass
+class VerifyResult:
+    problems: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(path: str | Path, progress: bool = True) -> VerifyResult:
+    """Every mask matches its image's size, no case in two splits, references valid, content hashes
+    and counts equal to the manifest's."""
+    import hashlib
+
+    import cv2
+    import numpy as np
+    from datasets import Image
+    from tqdm.auto import tqdm
+
+    from samed2_kit.medbank.build import row_digest
+
+    manifest, images, samples = open_store(path)
+    res = VerifyResult()
+    raw_images = images.cast_column("image", Image(decode=False))
+    raw_samples = samples.cast_column("mask", Image(decode=False))
+    sizes, sha = [], hashlib.sha256()
+    for row in tqdm(raw_images, desc="verify images", disable=not progress):
+        sha.update(row_digest(row, "image"))
+        head = cv2.imdecode(np.frombuffer(row["image"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+        sizes.append(head.shape[:2] if head is not None else None)
+    if sha.hexdigest() != manifest["content_sha256"][IMAGES_DIR]:
+        res.problems.append("images: content hash differs from manifest.json (modified or corrupt)")
+    img_split, img_case = images["split"], images["case_id"]
+    case_split: dict[str, set] = {}
+    sha = hashlib.sha256()
+    for i, row in enumerate(tqdm(raw_samples, desc="verify samples", disable=not progress)):
+        sha.update(row_digest(row, "mask"))
+        mask = cv2.imdecode(np.frombuffer(row["mask"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+        r = row["image_row"]
+        if not 0 <= r < len(sizes):
+            res.problems.append(f"sample {i}: image_row {r} out of range")
+            continue
+        if mask is None or sizes[r] is None or mask.shape[:2] != sizes[r]:
+            res.problems.append(
+                f"sample {i}: mask size {None if mask is None else mask.shape} != image {sizes[r]}"
+            )
+        if int((mask > 0).sum()) != row["mask_area"]:
+            res.problems.append(f"sample {i}: mask_area {row['mask_area']} != mask pixels")
+        for n in row["neighbors"]:
+            if not 0 <= n < len(sizes) or img_case[n] != row["case_id"]:
+                res.problems.append(
+                    f"sample {i}: neighbour image {n} is not of case {row['case_id']}"
+                )
+        if img_split[r] != row["split"] or img_case[r] != row["case_id"]:
+            res.problems.append(f"sample {i}: split/case differ from its image row {r}")
+        case_split.setdefault(row["case_id"], set()).add(row["split"])
+    if sha.hexdigest() != manifest["content_sha256"][SAMPLES_DIR]:
+        res.problems.append(
+            "samples: content hash differs from manifest.json (modified or corrupt)"
+        )
+    leaks = {c: sorted(s) for c, s in case_split.items() if len(s) > 1}
+    res.problems += [f"case {c} is in several splits: {s}" for c, s in leaks.items()]
+    counted = Counter(
+        (r["modality"], r["task"], r["split"])
+        for r in samples.select_columns(["modality", "task", "split"])
+    )
+    want = {(c["modality"], c["task"], c["split"]): c["samples"] for c in manifest["counts"]}
+    if dict(counted) != want:
+        res.problems.append(f"counts differ from manifest.json: store {dict(counted)} vs {want}")
+    res.checked = {"images": len(images), "samples": len(samples), "cases": len(case_split)}
+    return res
