@@ -53,7 +53,7 @@ def cmd_eval(args) -> int:
     from samed2_kit.config import Recipe, apply_overrides, from_dict, load_recipe
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine.checkpoint import load_model
-    from samed2_kit.engine.run import load_splits
+    from samed2_kit.engine.items import items_from_store
 
     run = Path(args.weights)
     model = load_model(run)
@@ -64,8 +64,9 @@ def cmd_eval(args) -> int:
         if "recipe" not in saved:
             raise ValueError(f"{run} has no recipe in model.json: pass --recipe RECIPE.yaml")
         recipe = from_dict(Recipe, apply_overrides(saved["recipe"], args.overrides), "", str(run))
-    records = load_splits(recipe)[recipe.eval.split]
-    rows, _ = ev.evaluate(model, records, recipe.eval.prompt, recipe.eval.nsd_tolerance_mm)
+    store = args.store or recipe.data.store or str(run.with_name(run.name + "-store"))
+    items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
+    rows, _ = ev.evaluate(model, items, recipe.eval.prompt, recipe.eval.nsd_tolerance_mm)
     summary = ev.summarize(rows)
     if args.csv:
         ev.write_csv(rows, args.csv)
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained run folder on its recipe's test split")
     e.add_argument("weights", help="run folder (model.safetensors + model.json)")
     e.add_argument("--recipe", help="recipe whose data to evaluate on (default: the saved one)")
+    e.add_argument("--store", help="medbank store to evaluate on (default: the run's)")
     e.add_argument("--csv", help="write per-case rows here")
     e.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     e.set_defaults(func=cmd_eval)

@@ -27,30 +27,16 @@ class ModelConfig:
 
 
 @dataclass
-class SourceConfig:
-    """One folder-of-pairs source: `sample` names a bundled sample set (hc18, sam_med2d_demo);
-    otherwise give root + image/mask patterns (see samed2_kit.medbank.pairs.PairSource)."""
-
-    sample: str | None = None
-    root: str | None = None
-    image: str | None = None
-    mask: str | None = None
-    modality: str = "2d"
-    intensity: str = "auto"
-    task: str = "default"
-    case: str | None = None
-    spacing_csv: str | None = None
-    licence: str = "unknown"
-
-
-@dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=lambda: [SourceConfig(sample="hc18")])
-    split: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "test": 0.2})
-    split_seed: int = 0
+    """Training data: a medbank store (built from `spec` when it is missing or out of date)."""
+
+    spec: str | None = None  # medbank build spec (YAML); relative paths: to the recipe file
+    store: str | None = None  # store folder (default: "<out_dir>-store" next to the run folder)
+    train_split: str = "train"
+    tasks: list[str] | None = None  # restrict training and evaluation to these tasks
+    clip_len: int = 1  # T adjacent slices per sample (1 for 2D)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     augment: bool = True
-    cache_decoded: bool = False  # keep decoded images in memory (small sets: faster epochs)
     num_workers: int = 0
 
 
@@ -184,9 +170,16 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
         source = str(path)
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
     apply_overrides(data, overrides or [])
-    return from_dict(Recipe, data, "", source if not overrides else f"{source} (+ overrides)")
+    recipe = from_dict(Recipe, data, "", source if not overrides else f"{source} (+ overrides)")
+    spec = recipe.data.spec
+    if path is not None and spec and not Path(spec).is_absolute() and (path.parent / spec).is_file():
+        recipe.data.spec = str((path.parent / spec).resolve())
+    return recipe
 
 
 def to_dict(obj) -> dict:

@@ -25,3 +25,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (it is beside the project only in-house)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def hc18_store(tmp_path_factory) -> str:
+    """A medbank store of 10 bundled HC18 images (000-009), split train 0.8 / test 0.2."""
+    from samed2_kit.medbank.build import build
+    from samed2_kit.medbank.spec import load_spec
+
+    folder = tmp_path_factory.mktemp("hc18-store")
+    spec = folder / "spec.yaml"
+    root = REPO / "samed2_kit" / "sample_data" / "hc18"
+    spec.write_text(
+        "split: {train: 0.8, test: 0.2}\n"
+        "sources:\n"
+        f"  - {{name: hc18, layout: pairs, root: '{root}', image: 'images/00{{id}}HC.png',\n"
+        "     mask: 'masks/00{id}HC_Annotation.png', spacing_csv: pixel_size.csv,\n"
+        "     modality: us, task: fetal_head, licence: CC-BY-4.0}\n"
+    )
+    parsed, sha = load_spec(spec)
+    build(parsed, folder / "store", sha, progress=False)
+    return str(folder / "store")

@@ -54,13 +54,13 @@ def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     return (xs >= np.floor(x0)) & (xs <= np.ceil(x1)) & (ys >= np.floor(y0)) & (ys <= np.ceil(y1))
 
 
-def evaluate(model, records, protocol: str = "box", nsd_tolerance_mm: float = 2.0, progress=True):
-    """Evaluate `model` on pair records; returns (rows, predictions), predictions[i] being the
-    predicted mask (H, W) bool of rows[i] (kept for overlays). Samples with an empty ground truth
-    are skipped (no prompt can be made from them). The box baseline always uses the tight box."""
+def evaluate(model, items, protocol: str = "box", nsd_tolerance_mm: float = 2.0, progress=True):
+    """Evaluate `model` on `EvalItem`s (see `samed2_kit.engine.items`); returns (rows, predictions),
+    predictions[i] being the predicted mask (H, W) bool of rows[i] (kept for overlays). Samples
+    with an empty ground truth are skipped (no prompt can be made from them). The box baseline
+    always uses the tight box."""
     from tqdm.auto import tqdm
 
-    from samed2_kit.medbank.io.image import read_image, read_mask
     from samed2_kit.metrics import case_metrics
     from samed2_kit.model.predictor import Predictor
     from samed2_kit.prompts import box_from_mask
@@ -70,20 +70,18 @@ def evaluate(model, records, protocol: str = "box", nsd_tolerance_mm: float = 2.
     rows, preds = [], []
     try:
         with torch.no_grad():
-            for rec in tqdm(records, desc=f"eval ({protocol})", disable=not progress):
-                image, gt = read_image(rec.image_path), read_mask(rec.mask_path)
+            for it in tqdm(items, desc=f"eval ({protocol})", disable=not progress):
+                image, gt = it.load()
                 if not gt.any():
                     continue
-                predictor.set_image(image, modality=rec.intensity, window=rec.window)
-                prompt = gt_prompt(gt, protocol)
-                masks, _, _ = predictor.predict(**prompt, multimask_output=False)
+                predictor.set_image(image, modality=it.intensity, window=it.window)
+                masks, _, _ = predictor.predict(**gt_prompt(gt, protocol), multimask_output=False)
                 pred = masks[0]
-                m = case_metrics(pred, gt, rec.spacing, nsd_tolerance_mm)
-                b = case_metrics(
-                    box_mask(gt.shape, box_from_mask(gt)), gt, rec.spacing, nsd_tolerance_mm
-                )
+                m = case_metrics(pred, gt, it.spacing, nsd_tolerance_mm)
+                box = box_mask(gt.shape, box_from_mask(gt))
+                b = case_metrics(box, gt, it.spacing, nsd_tolerance_mm)
                 rows.append(
-                    CaseRow(rec.sample_id, rec.case_id, rec.task, rec.label,
+                    CaseRow(it.sample_id, it.case_id, it.task, it.label,
                             m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95)
                 )  # fmt: skip
                 preds.append(pred)

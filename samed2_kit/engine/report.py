@@ -33,23 +33,22 @@ def plot_curve(history, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_overlays(records, rows, preds, path: Path, n: int = 3) -> None:
-    """Best and worst `n` cases by Dice: image, ground truth (green), prediction (red)."""
-    from samed2_kit.medbank.io.image import read_image, read_mask
+def plot_overlays(items, rows, preds, path: Path, n: int = 3) -> None:
+    """Best and worst `n` cases by Dice: image, ground truth (green), prediction (red).
+    `items`: the `EvalItem`s evaluated (matched to rows by sample_id)."""
     from samed2_kit.medbank.preprocess import normalize_intensity
 
     plt = _figure()
-    by_id = {r.sample_id: r for r in records}
+    by_id = {it.sample_id: it for it in items}
     order = np.argsort([r.dice for r in rows])
-    picks = list(order[::-1][:n]) + [i for i in order[:n] if i not in order[::-1][:n]]
+    best = list(order[::-1][:n])
+    picks = best + [i for i in order[:n] if i not in best]
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.4), dpi=100, squeeze=False)
     for ax, i in zip(axes[0], picks, strict=True):
-        row, rec = rows[i], by_id[rows[i].sample_id]
-        img = normalize_intensity(
-            read_image(rec.image_path), modality=rec.intensity, window=rec.window
-        )
-        ax.imshow(img)
-        ax.contour(read_mask(rec.mask_path), levels=[0.5], colors="lime", linewidths=1.2)
+        row, it = rows[i], by_id[rows[i].sample_id]
+        image, gt = it.load()
+        ax.imshow(normalize_intensity(image, modality=it.intensity, window=it.window))
+        ax.contour(gt, levels=[0.5], colors="lime", linewidths=1.2)
         ax.contour(preds[i], levels=[0.5], colors="red", linewidths=1.2)
         ax.set_title(f"{row.sample_id}\nDice {row.dice:.3f} (box {row.box_dice:.3f})", fontsize=8)
         ax.axis("off")

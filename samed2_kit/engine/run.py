@@ -1,7 +1,8 @@
-"""A whole run from a recipe: data -> split by case -> train -> save -> evaluate -> report.
+"""A whole run from a recipe: store (built by case split) -> train -> save -> evaluate -> report.
 
 The run folder, written atomically (a failed run leaves no half-written folder):
 
+    out_dir-store/                    the medbank store the recipe's spec built (reused if unchanged)
     out_dir/
       model.safetensors, model.json   trained weights (sam2 key names) + variant/size/recipe
       metrics.json                    summary per task and overall, model and box baseline
@@ -14,79 +15,63 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from samed2_kit.config import Recipe, SourceConfig, to_dict
+from samed2_kit.config import Recipe, to_dict
 
 log = logging.getLogger(__name__)
 
 
-def pair_source(src: SourceConfig):
-    """A SourceConfig as a PairSource (a bundled sample set, or a folder of your own)."""
-    from samed2_kit.medbank.pairs import PairSource, sample_sources
+def prepare_store(recipe: Recipe, out_dir: Path) -> str:
+    """The recipe's store: built from `data.spec` when absent or built from another spec."""
+    from samed2_kit.medbank.build import build
+    from samed2_kit.medbank.schema import MANIFEST
+    from samed2_kit.medbank.spec import load_spec
 
-    if src.sample is not None:
-        samples = sample_sources()
-        if src.sample not in samples:
-            raise ValueError(
-                f"data.sources: unknown sample {src.sample!r}; bundled: {sorted(samples)}"
-            )
-        return samples[src.sample]
-    missing = [k for k in ("root", "image", "mask") if getattr(src, k) is None]
-    if missing:
-        raise ValueError(
-            f"data.sources: a folder source needs root, image and mask; missing {missing}"
-        )
-    fields = {k: v for k, v in asdict(src).items() if k != "sample"}
-    return PairSource(**fields)
-
-
-def load_splits(recipe: Recipe) -> dict[str, list]:
-    """Scan every source, report skipped files, split each source by case (seeded)."""
-    from samed2_kit.medbank.pairs import find_pairs, split_by_case
-
-    splits: dict[str, list] = {k: [] for k in recipe.data.split}
-    for src in recipe.data.sources:
-        scan = find_pairs(pair_source(src))
-        for path, reason in scan.skipped:
-            log.warning("skipped %s: %s", path, reason)
-        if not scan.records:
-            raise ValueError(f"data source {src} yielded no image/mask pairs: check its patterns")
-        for k, v in split_by_case(scan.records, recipe.data.split, recipe.data.split_seed).items():
-            splits[k].extend(v)
-    return splits
+    d = recipe.data
+    store = Path(d.store) if d.store else out_dir.with_name(out_dir.name + "-store")
+    if d.spec is None:
+        if not (store / MANIFEST).is_file():
+            raise ValueError(f"data.store={store} is not a medbank store and data.spec is not set")
+        return str(store)
+    spec, sha = load_spec(d.spec)
+    if (store / MANIFEST).is_file() and json.loads((store / MANIFEST).read_text()).get("spec_sha256") == sha:
+        print(f"[samed2] using store {store} (built from this spec)")
+        return str(store)
+    print(f"[samed2] building store {store} from {d.spec}")
+    report = build(spec, store, sha)
+    for path, why in report.skipped:
+        log.warning("skipped %s: %s", path, why)
+    return str(store)
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train and evaluate as the recipe says; returns the metrics summary."""
+    from accelerate import PartialState
+
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine import report
     from samed2_kit.engine.checkpoint import save_model
+    from samed2_kit.engine.items import items_from_store
     from samed2_kit.engine.train import train
     from samed2_kit.model.build import build_model
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     out_dir = Path(out_dir or recipe.out_dir)
-    splits = load_splits(recipe)
-    if not splits.get("train"):
-        raise ValueError("data.split has no 'train' part with cases in it")
-    eval_split = recipe.eval.split
-    if not splits.get(eval_split):
-        raise ValueError(f"eval.split={eval_split!r} is empty: data.split has {list(splits)}")
-    counts = {k: len(v) for k, v in splits.items()}
-    print(f"[samed2] samples per split: {counts} (split by case, seed {recipe.data.split_seed})")
+    with PartialState().main_process_first():  # the main process builds, the others reuse
+        store = prepare_store(recipe, out_dir)
+    eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
 
     m = recipe.model
     model = build_model(m.variant, m.checkpoint, m.image_size)
-    model, result, accel = train(recipe, model, splits["train"], progress=progress)
+    model, result, accel = train(recipe, model, store, progress=progress)
     if not accel.is_main_process:
         accel.end_training()
         return {}
     rows, preds = ev.evaluate(
-        model, splits[eval_split], recipe.eval.prompt, recipe.eval.nsd_tolerance_mm, progress
+        model, eval_items, recipe.eval.prompt, recipe.eval.nsd_tolerance_mm, progress
     )
     summary = ev.summarize(rows)
     info = {
@@ -98,7 +83,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
         f"precision {result.mixed_precision}, {result.seconds:.0f} s on {accel.device} "
         f"x {accel.num_processes} process(es) "
         f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
-        "data": ", ".join(f"{k}: {v} samples" for k, v in counts.items()),
+        "data": f"store {store}: {result.train_samples} training samples "
+        f"(split {recipe.data.train_split}), {len(eval_items)} held-out (split {recipe.eval.split})",
         "eval_prompt": recipe.eval.prompt,
         "nsd_tolerance_mm": recipe.eval.nsd_tolerance_mm,
     }
@@ -109,7 +95,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
         ev.write_csv(rows, tmp / "per_case.csv")
         write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, default=str))
         report.plot_curve(result.history, tmp / "training_curve.png")
-        report.plot_overlays(splits[eval_split], rows, preds, tmp / "overlays.png")
+        report.plot_overlays(eval_items, rows, preds, tmp / "overlays.png")
         write_text(tmp / "report.md", report.markdown(summary, info))
     accel.end_training()
     o = summary["overall"]

@@ -38,6 +38,7 @@ class TrainResult:
     seconds: float = 0.0
     trainable_params: int = 0
     mixed_precision: str = "no"
+    train_samples: int = 0
 
 
 def apply_train_mode(model, mode: str) -> int:
@@ -89,16 +90,20 @@ def batch_prompts(batch: dict, mode: str):
     return Prompts(points=points, point_labels=labels, boxes=boxes)
 
 
-def make_loader(recipe: Recipe, records, seed: int):
-    from samed2_kit.medbank.pairs import PairDataset, collate
+def make_loader(recipe: Recipe, store: str, seed: int):
+    """StoreDataset over the recipe's training split + a seeded, shuffling DataLoader."""
+    from samed2_kit.medbank.dataset import StoreDataset, collate_clips
 
-    ds = PairDataset(
-        records,
+    d = recipe.data
+    ds = StoreDataset(
+        store,
+        split=d.train_split,
+        clip_len=d.clip_len,
         image_size=recipe.model.image_size,
-        prompt=recipe.data.prompt,
+        prompt=d.prompt,
         seed=seed,
-        augment=recipe.data.augment,
-        cache=recipe.data.cache_decoded,
+        augment=d.augment,
+        tasks=d.tasks,
     )
     if len(ds) < recipe.train.batch_size:
         raise ValueError(
@@ -112,14 +117,14 @@ def make_loader(recipe: Recipe, records, seed: int):
         shuffle=True,
         drop_last=True,
         generator=gen,
-        collate_fn=collate,
-        num_workers=recipe.data.num_workers,
+        collate_fn=collate_clips,
+        num_workers=d.num_workers,
     )
     return ds, loader
 
 
-def train(recipe: Recipe, model, train_records, accelerator=None, progress: bool = True):
-    """Train `model` (a SAMed2Model) on `train_records` following `recipe.train`; in place.
+def train(recipe: Recipe, model, store: str, accelerator=None, progress: bool = True):
+    """Train `model` (a SAMed2Model) on the training split of a medbank `store`; in place.
 
     Returns a TrainResult with the per-step loss history.
     """
@@ -139,7 +144,7 @@ def train(recipe: Recipe, model, train_records, accelerator=None, progress: bool
         )
     set_seed(cfg.seed)
     n_trainable = apply_train_mode(model, cfg.mode)
-    ds, loader = make_loader(recipe, train_records, cfg.seed)
+    ds, loader = make_loader(recipe, store, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = cosine_with_warmup(opt, cfg.warmup_steps, cfg.steps)
@@ -147,7 +152,7 @@ def train(recipe: Recipe, model, train_records, accelerator=None, progress: bool
     loss_fn = SegLoss(recipe.loss)
     model.train()
 
-    result = TrainResult(trainable_params=n_trainable, mixed_precision=mp)
+    result = TrainResult(trainable_params=n_trainable, mixed_precision=mp, train_samples=len(ds))
     bar = tqdm(
         total=cfg.steps, desc="train", disable=not (progress and accelerator.is_main_process)
     )

@@ -107,7 +107,10 @@ def _write_case(sliced, ref, src, case_id, split, spec: BuildSpec, images, sampl
     n, r = len(sliced.images), spec.clip_radius
     zs = sorted({z for _, _, z, _ in sliced.samples})
     needed = sorted({min(max(z + d, 0), n - 1) for z in zs for d in range(-r, r + 1)})
-    spacing = [float(np.float32(s)) for s in sliced.spacing]  # as stored (float32), for hashing
+    h, w = sliced.images.shape[1:3]
+    sh, sw = _resize(np.zeros((h, w), np.uint8), True, spec.max_size).shape
+    # in-plane spacing of the stored (possibly downscaled) pixels; float32 as stored, for hashing
+    spacing = [float(np.float32(v)) for v in (sliced.spacing[0], sliced.spacing[1] * h / sh, sliced.spacing[2] * w / sw)]
     image_row = {}
     for z in needed:
         img = sliced.images[z]
@@ -121,13 +124,14 @@ def _write_case(sliced, ref, src, case_id, split, spec: BuildSpec, images, sampl
     row_of = {(lab, z): first + i for i, (lab, _, z, _) in enumerate(sliced.samples)}
     for lab, name, z, mask in sliced.samples:
         near = [min(max(z + d, 0), n - 1) for d in range(-r, r + 1)]
+        stored = _resize(mask.astype(np.uint8) * 255, True, spec.max_size)
         samples.add({
-            "mask": encode_png(_resize(mask.astype(np.uint8) * 255, True, spec.max_size)),
+            "mask": encode_png(stored),
             "image_row": image_row[z], "neighbors": [image_row[k] for k in near],
             "neighbor_samples": [row_of.get((lab, k), -1) for k in near],
             "label": name, "label_id": lab, "modality": src.modality, "task": src.task,
             "dataset": src.name, "case_id": case_id, "slice_index": z,
-            "mask_area": int(mask.sum()), "spacing": spacing,
+            "mask_area": int((stored > 0).sum()), "spacing": spacing,
             "original_size": list(mask.shape[:2]), "licence": src.licence, "split": split,
         })  # fmt: skip
     return len(sliced.samples)
@@ -137,9 +141,8 @@ def build(
     spec: BuildSpec, out: str | Path, spec_sha256: str = "", progress: bool = True
 ) -> BuildReport:
     """Build the store at `out` (replacing an existing one only on success)."""
-    from tqdm.auto import tqdm
-
     from datasets import disable_progress_bars
+    from tqdm.auto import tqdm
 
     from samed2_kit import __version__
     from samed2_kit.medbank.cases import load_case, slice_case

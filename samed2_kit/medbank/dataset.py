@@ -2,8 +2,7 @@
 
 Reads ``STORE/images`` and ``STORE/samples`` (see :mod:`samed2_kit.medbank.schema`) memory-mapped
 with ``datasets.load_from_disk``; PNG cells are read as bytes (``Image(decode=False)``) and decoded
-with OpenCV. Items are clips; ``collate_clips`` flattens them into the model's ``(B*T, ...)``
-layout, clip-major, which with T = 1 is what ``pair_dataset.collate`` gives.
+with OpenCV. ``collate_clips`` flattens clips into the model's ``(B*T, ...)`` rows, clip-major.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ def decode_png(cell: dict | None, where: str) -> np.ndarray:
     if data is None and (cell or {}).get("path"):
         path = Path(cell["path"])
         if not path.is_file():
-            raise ValueError(f"{where}: image file {path} is gone; rebuild the store (it embeds PNGs)")
+            raise ValueError(f"{where}: image file {path} is gone; rebuild the store")
         data = path.read_bytes()
     if data is None:
         raise ValueError(f"{where}: the cell holds neither bytes nor a path; rebuild the store")
@@ -68,8 +67,7 @@ def open_store(store_dir: str | Path):
                 f"store {root}: {MANIFEST} schema_version {version}, this samed2_kit reads "
                 f"{SCHEMA_VERSION}; rebuild the store with this version"
             )
-    images = load_from_disk(str(root / IMAGES_DIR))
-    samples = load_from_disk(str(root / SAMPLES_DIR))
+    images, samples = (load_from_disk(str(root / d)) for d in (IMAGES_DIR, SAMPLES_DIR))
     absent = [c for c in SAMPLE_COLUMNS if c not in samples.column_names]
     if "image" not in images.column_names or absent:
         raise ValueError(
@@ -87,25 +85,31 @@ def _select_rows(samples, store, split, tasks, modalities) -> np.ndarray:
     import pyarrow.compute as pc
 
     cols = samples.select_columns(["split", "task", "modality"]).with_format("arrow")[:]
-    keep = pc.fill_null(pc.equal(cols["split"], split), False)
+    keep = in_split = pc.fill_null(pc.equal(cols["split"], split), False)
     if not pc.any(keep).as_py():
         splits = sorted(str(s) for s in pc.unique(cols["split"]).to_pylist())
         raise ValueError(
             f"store {store} has no samples of split {split!r}; its splits: {splits}. Pass one "
             "of them, or rebuild the store with that split"
         )
-    for name, wanted in (("task", tasks), ("modality", modalities)):
+    for name, arg, wanted in (("task", "tasks", tasks), ("modality", "modalities", modalities)):
         if wanted is None:
             continue
-        present = set(pc.unique(cols[name].filter(keep)).to_pylist())
+        present = set(pc.unique(cols[name].filter(in_split)).to_pylist())
         unknown = sorted(set(wanted) - present)
         if unknown:
             raise ValueError(
                 f"store {store}: no {name} {unknown} in split {split!r}; its {name} values "
-                f"there: {sorted(map(str, present))}. Fix the {name}s filter"
+                f"there: {sorted(map(str, present))}. Fix the {arg}= filter"
             )
         keep = pc.and_(keep, pc.is_in(cols[name], value_set=pa.array(list(wanted), pa.string())))
-    return np.flatnonzero(keep.to_numpy(zero_copy_only=False)).astype(np.int64)
+    rows = np.flatnonzero(keep.to_numpy(zero_copy_only=False)).astype(np.int64)
+    if len(rows) == 0:
+        raise ValueError(
+            f"store {store}: no sample of split {split!r} has both task in {tasks} and "
+            f"modality in {modalities}; loosen the tasks/modalities filters"
+        )
+    return rows
 
 
 class StoreDataset(torch.utils.data.Dataset):
@@ -168,57 +172,54 @@ class StoreDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _masks_of(self, rows: Sequence[int], where: str) -> dict[int, np.ndarray]:
-        uniq = sorted({r for r in rows if r >= 0})
-        cells = self._masks[uniq]["mask"] if uniq else []
-        return {r: decode_png(c, f"{where}, mask of sample row {r}") > 0 for r, c in zip(uniq, cells)}
+    def _decode(self, table, column: str, rows: Sequence[int], where: str) -> dict:
+        """Decode the PNG ``column`` of ``rows`` (those >= 0, each once) -> {row: array}."""
+        uniq = sorted({int(r) for r in rows if r >= 0})
+        cells = table[uniq][column] if uniq else []
+        return {
+            r: decode_png(c, f"{where}, {column} of row {r}")
+            for r, c in zip(uniq, cells, strict=True)
+        }
 
     def __getitem__(self, i: int) -> dict:
         i = range(len(self.rows))[i]
         row, size, t = int(self.rows[i]), self.image_size, self.clip_len
         s = self._samples[row]
-        where = f"store {self.store_dir} samples row {row} ({s['case_id']} slice {s['slice_index']})"
+        where = f"store {self.store_dir} sample {row} ({s['case_id']} slice {s['slice_index']})"
         start = len(s["neighbors"]) // 2 - t // 2
         img_rows = s["neighbors"][start : start + t]
         mask_rows = list(s["neighbor_samples"][start : start + t])
         mask_rows[t // 2] = row  # the centre is the sample itself
-        uniq = sorted(set(img_rows))
-        decoded = {
-            r: normalize_intensity(decode_png(c, f"{where}, image row {r}"), "2d")
-            for r, c in zip(uniq, self._images[uniq]["image"])
+        by_row = self._decode(self._images, "image", img_rows, where)
+        masks_by_row = {
+            r: m > 0 for r, m in self._decode(self._masks, "mask", mask_rows, where).items()
         }
-        masks_by_row = self._masks_of(mask_rows, where)
         h, w = masks_by_row[row].shape
-        bad = [r for r in uniq if decoded[r].shape[:2] != (h, w)]
+        bad = [r for r, x in by_row.items() if x.shape[:2] != (h, w)]
         if bad:
             raise ValueError(
                 f"{where}: image rows {bad} are not {h}x{w} like its mask; all slices of a case "
                 "must have one size: rebuild the store"
             )
-        images = [decoded[r] for r in img_rows]
+        by_row = {r: normalize_intensity(x, "2d") for r, x in by_row.items()}
+        images = [by_row[r] for r in img_rows]
         masks = [masks_by_row[r] if r >= 0 else np.zeros((h, w), bool) for r in mask_rows]
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, i, 1])
             images, masks = augment_clip(images, masks, rng, ref=t // 2)
-        centre = masks[t // 2]
+        centre, rng = masks[t // 2], np.random.default_rng([self.seed, self.epoch, i])
         full = Prompt(box=np.array([0, 0, w - 1, h - 1], np.float32))
-        rng = np.random.default_rng([self.seed, self.epoch, i])
         p = scale_prompt(
             sample_prompt(centre, self.prompt, rng) if centre.any() else full, (h, w), size
         )
+        box = p.box if p.box is not None else np.zeros(4, np.float32)
+        points = p.points if p.points is not None else np.zeros((0, 2), np.float32)
+        labels = p.labels if p.labels is not None else np.zeros(0, np.int64)
         return {
-            "image": torch.stack(
-                [to_model_input(np.ascontiguousarray(x, np.float32), size) for x in images]
-            ),
+            "image": torch.stack([to_model_input(np.asarray(x, np.float32), size) for x in images]),
             "mask": torch.stack([resize_mask(np.ascontiguousarray(m), size) for m in masks]),
-            "box": torch.from_numpy(p.box if p.box is not None else np.zeros(4, np.float32)),
-            "has_box": p.box is not None,
-            "points": torch.from_numpy(
-                p.points if p.points is not None else np.zeros((0, 2), np.float32)
-            ),
-            "point_labels": torch.from_numpy(
-                p.labels if p.labels is not None else np.zeros(0, np.int64)
-            ),
+            "box": torch.from_numpy(box), "has_box": p.box is not None,
+            "points": torch.from_numpy(points), "point_labels": torch.from_numpy(labels),
             "orig_hw": (h, w), "spacing": tuple(float(v) for v in s["spacing"]),
             "case_id": s["case_id"], "task": s["task"], "label": s["label"],
             "sample_id": f"{s['case_id']}#{s['label']}@{s['slice_index']}",

@@ -138,7 +138,10 @@ def load_spec(path: str | Path) -> tuple[BuildSpec, str]:
     if not path.is_file():
         raise FileNotFoundError(f"spec {path} does not exist")
     raw = path.read_bytes()
-    data = yaml.safe_load(raw) or {}
+    try:
+        data = yaml.safe_load(raw) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"spec {path} is not valid YAML: {e}") from e
     spec = from_dict(BuildSpec, data, "", str(path))
     names = [s.name for s in spec.sources]
     dup = {n for n in names if names.count(n) > 1}

@@ -12,7 +12,8 @@ def test_quickstart_recipe_loads_with_overrides():
     assert isinstance(r, Recipe)
     assert r.train.steps == 7 and r.model.image_size == 512
     assert r.train.mixed_precision == "no"  # YAML's bare `no` is a bool: read back as the word
-    assert r.data.sources[0].sample == "hc18"
+    assert r.data.spec.endswith("recipes/medbank_samples.yaml")  # resolved next to the recipe
+    assert r.data.tasks == ["fetal_head"]
     assert r.data.prompt.mode == "box"
 
 
@@ -25,8 +26,15 @@ def test_unknown_keys_are_errors_naming_key_file_and_fix(tmp_path):
         load_recipe(path)
     with pytest.raises(ValueError, match="unknown key 'model.size'"):
         load_recipe(REPO_RECIPE, ["model.size=3"])
-    with pytest.raises(ValueError, match="data.sources\\[0\\].rot"):
-        from_dict(Recipe, {"data": {"sources": [{"rot": "x"}]}})
+    with pytest.raises(ValueError, match="unknown key 'data.prompt.nod'"):
+        from_dict(Recipe, {"data": {"prompt": {"nod": "x"}}})
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train: {steps: 3\n")
+    with pytest.raises(ValueError, match="bad.yaml is not valid YAML"):
+        load_recipe(path)
 
 
 def test_type_errors_and_bad_overrides():

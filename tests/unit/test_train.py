@@ -20,16 +20,9 @@ def _recipe(*overrides):
             "train.warmup_steps=2",
             "train.lr=0.001",
             "train.mixed_precision=no",
-            "data.cache_decoded=true",
             *overrides,
         ],
     )
-
-
-def _records(n=4):
-    from samed2_kit.medbank.pairs import find_pairs, sample_sources
-
-    return find_pairs(sample_sources()["hc18"]).records[:n]
 
 
 def test_cosine_schedule_with_warmup():
@@ -65,11 +58,11 @@ def test_train_modes_freeze_the_right_parameters():
         apply_train_mode(m, "encoder")
 
 
-def test_training_lowers_the_loss_and_is_deterministic():
+def test_training_lowers_the_loss_and_is_deterministic(hc18_store):
     def run():
         torch.manual_seed(0)
         m = build_model("test-tiny", image_size=128)
-        _, result, _ = train(_recipe("train.steps=24"), m, _records(), progress=False)
+        _, result, _ = train(_recipe("train.steps=24"), m, hc18_store, progress=False)
         return [h.loss for h in result.history]
 
     a, b = run(), run()
@@ -78,19 +71,19 @@ def test_training_lowers_the_loss_and_is_deterministic():
     assert sum(a[-6:]) / 6 < sum(a[:6]) / 6
 
 
-def test_decoder_mode_leaves_the_encoder_untouched_and_accumulates():
+def test_decoder_mode_leaves_the_encoder_untouched_and_accumulates(hc18_store):
     torch.manual_seed(0)
     m = build_model("test-tiny", image_size=128)
     enc0 = {k: v.clone() for k, v in m.sam.image_encoder.state_dict().items()}
     dec0 = {k: v.clone() for k, v in m.sam.sam_mask_decoder.state_dict().items()}
     r = _recipe("train.steps=3", "train.mode=decoder", "train.grad_accum=2")
-    m, result, _ = train(r, m, _records(), progress=False)
+    m, result, _ = train(r, m, hc18_store, progress=False)
     assert len(result.history) == 3  # optimizer steps, each over 2 micro-batches
     assert all(torch.equal(v, enc0[k]) for k, v in m.sam.image_encoder.state_dict().items())
     assert any(not torch.equal(v, dec0[k]) for k, v in m.sam.sam_mask_decoder.state_dict().items())
 
 
-def test_too_few_samples_is_a_clear_error():
+def test_too_few_samples_is_a_clear_error(hc18_store):
     m = build_model("test-tiny", image_size=128)
-    with pytest.raises(ValueError, match="fewer than train.batch_size=8"):
-        train(_recipe("train.batch_size=8"), m, _records(3), progress=False)
+    with pytest.raises(ValueError, match="fewer than train.batch_size=64"):
+        train(_recipe("train.batch_size=64"), m, hc18_store, progress=False)

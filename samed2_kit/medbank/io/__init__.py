@@ -111,7 +111,9 @@ def read_volume(path, labels: bool = False):
         if not labels:
             return image
         if gts is None:
-            raise ValueError(f"{path} has no 'gts' array, so no label map (keys {image.meta['keys']})")
+            raise ValueError(
+                f"{path} has no 'gts' array, so no label map (keys {image.meta['keys']})"
+            )
         return gts
     if fmt == "dicom":
         from samed2_kit.medbank.io.dicom import read_dicom_series

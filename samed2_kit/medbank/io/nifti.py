@@ -89,7 +89,10 @@ def read_nifti(path: str | Path, labels: bool = False) -> Volume:
     affine[3] = (0.0, 0.0, 0.0, 1.0)
     zooms = [float(z) for z in hdr.get_zooms()[:3]] + [1.0] * (3 - len(hdr.get_zooms()[:3]))
     col_norms = np.linalg.norm(affine[:3, :3], axis=0)
-    xyz = [z * scale if np.isfinite(z) and z > 0 else float(n) for z, n in zip(zooms, col_norms)]
+    xyz = [
+        z * scale if np.isfinite(z) and z > 0 else float(n)
+        for z, n in zip(zooms, col_norms, strict=True)
+    ]
     if not all(np.isfinite(s) and s > 0 for s in xyz):
         raise ValueError(
             f"{path}: voxel sizes (pixdim) {zooms} and affine give no positive spacing; fix pixdim "

@@ -1,0 +1,72 @@
+"""Evaluation items: one image + ground-truth mask at original resolution, with its spacing.
+
+Two providers: a medbank store split (what training uses) and folder-of-pairs records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class EvalItem:
+    """`load()` -> (image (H, W) or (H, W, 3), mask (H, W) bool); spacing (row, col) in mm."""
+
+    sample_id: str
+    case_id: str
+    task: str
+    label: str
+    spacing: tuple[float, float]
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    intensity: str = "2d"
+    window: tuple[float, float] | None = None
+
+
+def items_from_pairs(records) -> list[EvalItem]:
+    """From `samed2_kit.medbank.pairs.PairRecord`s (intensity handled per record)."""
+    from samed2_kit.medbank.io.image import read_image, read_mask
+
+    def loader(rec):
+        return lambda: (read_image(rec.image_path), read_mask(rec.mask_path))
+
+    return [
+        EvalItem(r.sample_id, r.case_id, r.task, r.label, tuple(r.spacing), loader(r), r.intensity, r.window)
+        for r in records
+    ]
+
+
+def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[EvalItem]:
+    """From a medbank store split: images are stored preprocessed (8-bit), masks 0/255."""
+    from samed2_kit.medbank.store import open_store
+
+    _, images, samples = open_store(store)
+    cols = samples.select_columns(["split", "task", "mask_area"])
+    rows = [
+        i for i, r in enumerate(cols)
+        if r["split"] == split and r["mask_area"] > 0 and (tasks is None or r["task"] in tasks)
+    ]  # fmt: skip
+    if not rows:
+        raise ValueError(f"store {store} has no non-empty samples in split {split!r}")
+    meta = samples.select(rows).select_columns(
+        ["image_row", "case_id", "task", "label", "slice_index", "spacing"]
+    )
+
+    def loader(sample_row: int, image_row: int):
+        def load():
+            img = np.asarray(images[image_row]["image"])
+            mask = np.asarray(samples[sample_row]["mask"])
+            return img, (mask[..., 0] if mask.ndim == 3 else mask) > 127
+
+        return load
+
+    out = []
+    for row, m in zip(rows, meta, strict=True):
+        sid = f"{m['case_id']}#{m['label']}@{m['slice_index']}"
+        out.append(
+            EvalItem(sid, m["case_id"], m["task"], m["label"], tuple(m["spacing"][1:]),
+                     loader(row, m["image_row"]))
+        )  # fmt: skip
+    return out
