@@ -104,7 +104,9 @@ def _coerce(value: Any, tp, where: str, source: str):
         for k, v in value.items():
             if kt is int and isinstance(k, str) and k.strip().lstrip("-").isdigit():
                 k = int(k)  # JSON-style "1": name
-            out[_coerce(k, kt, f"{where} key {k!r}", source)] = _coerce(v, vt, f"{where}.{k}", source)
+            out[_coerce(k, kt, f"{where} key {k!r}", source)] = _coerce(
+                v, vt, f"{where}.{k}", source
+            )
         return out
     if tp is bool:
         if isinstance(value, bool):
@@ -177,7 +179,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     apply_overrides(data, overrides or [])
     recipe = from_dict(Recipe, data, "", source if not overrides else f"{source} (+ overrides)")
     spec = recipe.data.spec
-    if path is not None and spec and not Path(spec).is_absolute() and (path.parent / spec).is_file():
+    if (
+        path is not None
+        and spec
+        and not Path(spec).is_absolute()
+        and (path.parent / spec).is_file()
+    ):
         recipe.data.spec = str((path.parent / spec).resolve())
     return recipe
 

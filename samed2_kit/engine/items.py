@@ -33,7 +33,16 @@ def items_from_pairs(records) -> list[EvalItem]:
         return lambda: (read_image(rec.image_path), read_mask(rec.mask_path))
 
     return [
-        EvalItem(r.sample_id, r.case_id, r.task, r.label, tuple(r.spacing), loader(r), r.intensity, r.window)
+        EvalItem(
+            r.sample_id,
+            r.case_id,
+            r.task,
+            r.label,
+            tuple(r.spacing),
+            loader(r),
+            r.intensity,
+            r.window,
+        )
         for r in records
     ]
 

@@ -37,7 +37,9 @@ def prepare_store(recipe: Recipe, out_dir: Path) -> str:
             raise ValueError(f"data.store={store} is not a medbank store and data.spec is not set")
         return str(store)
     spec, sha = load_spec(d.spec)
-    if (store / MANIFEST).is_file() and json.loads((store / MANIFEST).read_text()).get("spec_sha256") == sha:
+    if (store / MANIFEST).is_file() and json.loads((store / MANIFEST).read_text()).get(
+        "spec_sha256"
+    ) == sha:
         print(f"[samed2] using store {store} (built from this spec)")
         return str(store)
     print(f"[samed2] building store {store} from {d.spec}")
@@ -50,6 +52,7 @@ def prepare_store(recipe: Recipe, out_dir: Path) -> str:
 def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool = True) -> dict:
     """Train and evaluate as the recipe says; returns the metrics summary."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine import report
@@ -60,7 +63,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     out_dir = Path(out_dir or recipe.out_dir)
-    with PartialState().main_process_first():  # the main process builds, the others reuse
+    # the main process builds the store, the others then reuse it. PartialState does not read
+    # ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU ranks would not see each other
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with state.main_process_first():
         store = prepare_store(recipe, out_dir)
     eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
 

@@ -110,7 +110,10 @@ def _write_case(sliced, ref, src, case_id, split, spec: BuildSpec, images, sampl
     h, w = sliced.images.shape[1:3]
     sh, sw = _resize(np.zeros((h, w), np.uint8), True, spec.max_size).shape
     # in-plane spacing of the stored (possibly downscaled) pixels; float32 as stored, for hashing
-    spacing = [float(np.float32(v)) for v in (sliced.spacing[0], sliced.spacing[1] * h / sh, sliced.spacing[2] * w / sw)]
+    spacing = [
+        float(np.float32(v))
+        for v in (sliced.spacing[0], sliced.spacing[1] * h / sh, sliced.spacing[2] * w / sw)
+    ]
     image_row = {}
     for z in needed:
         img = sliced.images[z]

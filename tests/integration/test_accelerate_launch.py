@@ -17,10 +17,10 @@ def test_two_cpu_processes(tmp_path):
            "train.warmup_steps=1"]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    # both processes ran the recipe; only the main one wrote the run folder
-    assert r.stdout.count("samples per split") == 2
+    # the main process built the store, the other reused it; only the main one wrote the run folder
+    assert r.stdout.count("building store") == 1 and r.stdout.count("using store") == 1
     assert r.stdout.count("run folder:") == 1
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["summary"]["overall"]["n"] == 13
     assert "x 2 process(es)" in metrics["info"]["training"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-store"]
