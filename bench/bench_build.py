@@ -31,10 +31,14 @@ def _volume(z: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return img, lab
 
 
-def write_nifti(folder: Path, key: str, img: np.ndarray, lab: np.ndarray) -> None:
+def write_nifti(
+    folder: Path, key: str, img: np.ndarray, lab: np.ndarray, sign: float = 1.0
+) -> None:
+    """sign=-1: x and y run right-to-left / anterior-to-posterior (the grid of an axial DICOM
+    series with identity orientation, whose LPS axes are -x, -y in RAS)."""
     import nibabel as nib
 
-    aff = np.diag([0.8, 0.8, 2.5, 1.0])
+    aff = np.diag([0.8 * sign, 0.8 * sign, 2.5, 1.0])
     nib.save(nib.Nifti1Image(img.transpose(2, 1, 0), aff), str(folder / f"{key}_img.nii.gz"))
     nib.save(nib.Nifti1Image(lab.transpose(2, 1, 0), aff), str(folder / f"{key}_lab.nii.gz"))
 
@@ -86,14 +90,14 @@ def main() -> None:
         for v in range(args.volumes):
             write_nifti(tmp / "nii", f"ct{v}", *_volume(args.slices, v))
         secs, n_img, n_s = timed_build(
-            head + "  - {name: nii, layout: volumes, root: nii, image: '{id}_img.nii.gz', "
+            head + "  - {name: nii, layout: volumes, root: ., image: '{id}_img.nii.gz', "
             "mask: '{id}_lab.nii.gz', modality: ct, task: blobs, licence: CC0}\n",
             tmp / "nii",
         )
         rows.append(("NIfTI", args.volumes * args.slices, secs, n_img, n_s))
         img, lab = _volume(args.slices, 99)
         write_dicom(tmp / "dcm" / "ct", img)
-        write_nifti(tmp / "dcm", "ct", img, lab)  # labels as a NIfTI on the series' grid
+        write_nifti(tmp / "dcm", "ct", img, lab, sign=-1.0)  # labels on the series' grid
         (tmp / "dcm" / "ct_img.nii.gz").unlink()
         secs, n_img, n_s = timed_build(
             head.replace("0.75, test: 0.25", "1.0") + "  - {name: dcm, layout: dicom, root: .,"

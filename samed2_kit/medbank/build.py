@@ -172,7 +172,7 @@ def build(
                 refs, skipped = enumerate_cases(src)
                 names = label_names(src)
             except (ValueError, FileNotFoundError, KeyError) as e:
-                report.skipped.append((src.root, f"source {src.name!r}: {e}"))
+                report.skipped.append((src.root, str(e)))
                 info["skipped"] += 1
                 continue
             report.skipped += skipped
