@@ -38,6 +38,7 @@ if ! "$PY" -c "import importlib.metadata as m; assert m.version('sam2') == '1.1.
 fi
 echo "[install] samed2-kit[dev] (editable)"
 pip_install -e ".[dev]"
+echo "[install] (a pip note that 'sam2 requires torchvision' is expected: torchvision is left out on purpose)"
 if "$PY" -c "import importlib.util as u; raise SystemExit(u.find_spec('torchvision') is None)"; then
   echo "[install] warning: torchvision is installed; on CPU torch it breaks 'import peft'." >&2
   echo "[install]          remove it with: $PY -m pip uninstall -y torchvision" >&2

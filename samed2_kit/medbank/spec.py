@@ -90,6 +90,7 @@ class SourceSpec:
     )
     min_area: int = 1  # masks with fewer foreground pixels count as empty
     spacing_csv: str | None = None  # pairs: CSV with file name + pixel size (mm)
+    split: dict[str, float] | None = None  # this source's split fractions (default: the spec's)
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:

@@ -128,3 +128,52 @@ def decode(
 def hiera_blocks(sam: torch.nn.Module) -> torch.nn.ModuleList:
     """The Hiera trunk's blocks: where encoder adapters attach."""
     return sam.image_encoder.trunk.blocks
+
+
+def hiera_block_forward(block: torch.nn.Module, x: torch.Tensor, after_attn=None) -> torch.Tensor:
+    """sam2 1.1.0 `MultiScaleBlock.forward`, line for line, with one seam for encoder adapters.
+
+    x: (B, H, W, C) -> (B, H', W', C_out); H' = H / q_stride in q-pool blocks, else H.
+    `after_attn(y)` receives the attention output after `window_unpartition`, i.e. the un-windowed
+    per-image map (B, H', W', C_out) (global blocks: the attention output itself), and returns a
+    tensor of the same shape; it runs before the residual `shortcut + drop_path(y)`.
+    With `after_attn=None` the result equals `block(x)` exactly.
+    """
+    from sam2.modeling.backbones.hieradet import do_pool
+    from sam2.modeling.backbones.utils import window_partition, window_unpartition
+
+    shortcut = x  # B, H, W, C
+    x = block.norm1(x)
+
+    # Skip connection
+    if block.dim != block.dim_out:
+        shortcut = do_pool(block.proj(x), block.pool)
+
+    # Window partition
+    window_size = block.window_size
+    if window_size > 0:
+        H, W = x.shape[1], x.shape[2]
+        x, pad_hw = window_partition(x, window_size)
+
+    # Window attention + Q pooling (if stage change)
+    x = block.attn(x)
+    if block.q_stride:
+        # Shapes have changed due to Q pooling
+        window_size = block.window_size // block.q_stride[0]
+        H, W = shortcut.shape[1:3]
+
+        pad_h = (window_size - H % window_size) % window_size
+        pad_w = (window_size - W % window_size) % window_size
+        pad_hw = (H + pad_h, W + pad_w)
+
+    # Reverse window partition
+    if block.window_size > 0:
+        x = window_unpartition(x, window_size, pad_hw, (H, W))
+
+    if after_attn is not None:
+        x = after_attn(x)
+
+    x = shortcut + block.drop_path(x)
+    # MLP
+    x = x + block.drop_path(block.mlp(block.norm2(x)))
+    return x
