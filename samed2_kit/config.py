@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from samed2_kit.adapters.lora import LoraSpec
+from samed2_kit.adapters.temporal import TemporalAdapterConfig
 from samed2_kit.losses import LossConfig
 from samed2_kit.prompts import PromptConfig
 
@@ -41,8 +43,20 @@ class DataConfig:
 
 
 @dataclass
+class AdaptersConfig:
+    """Adapters injected before training (None = not used)."""
+
+    temporal: TemporalAdapterConfig | None = None  # mixes T adjacent slices in the Hiera blocks
+    lora: LoraSpec | None = None  # peft LoRA by preset: encoder-attn | decoder-attn | all-linear
+
+
+@dataclass
 class TrainConfig:
     mode: str = "full"  # full: encoder + decoder train | decoder: image encoder frozen
+    # what trains, by group (image_encoder, prompt_encoder, mask_decoder, temporal_adapter, lora,
+    # prompt_sources, memory, all) or parameter-name regex; overrides `mode` when given
+    trainable: list[str] | None = None
+    lr_mult: dict[str, float] = field(default_factory=dict)  # e.g. {temporal_adapter: 10}
     steps: int = 200  # optimizer steps
     batch_size: int = 4
     lr: float = 3e-4
@@ -66,6 +80,7 @@ class EvalConfig:
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -15,14 +15,16 @@ FORMAT_VERSION = 1
 
 
 def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
-    """Write `folder/model.safetensors` (the sam2 module's weights, sam2's key names) and
-    `folder/model.json` (variant, image size, format version, `extra`), each atomically."""
+    """Write `folder/model.safetensors` (the sam2 module's base weights, sam2's key names),
+    `folder/model.json` (variant, image size, format version, `extra`) and, when the model has
+    adapters, `folder/adapters-default.safetensors/.json` (samed2_kit.adapters.io); atomically."""
     from safetensors.torch import save_file
 
+    from samed2_kit.adapters.io import base_state_dict, has_adapters, save_adapters
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     folder = Path(folder)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.sam.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in base_state_dict(model).items()}
     with atomic_path(folder / WEIGHTS) as tmp:
         save_file(
             state, str(tmp), metadata={"format": "samed2-kit", "version": str(FORMAT_VERSION)}
@@ -34,6 +36,8 @@ def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
         **(extra or {}),
     }
     write_text(folder / CONFIG, json.dumps(meta, indent=2, default=str))
+    if has_adapters(model):
+        save_adapters(model, folder)
     return folder
 
 
@@ -54,4 +58,9 @@ def load_model(folder_or_file: str | Path, device: str | torch.device | None = N
         if key not in meta:
             raise ValueError(f"{cfg_path} lacks the field '{key}'; re-save the model")
     spec = ModelSpec(meta["variant"], int(meta["image_size"]))
-    return build_model(spec.variant, folder / WEIGHTS, spec.image_size, device, strict=True)
+    model = build_model(spec.variant, folder / WEIGHTS, spec.image_size, device, strict=True)
+    if (folder / "adapters-default.json").is_file():
+        from samed2_kit.adapters.io import load_adapters
+
+        load_adapters(model, folder)  # injects the saved temporal adapters / LoRA sets first
+    return model

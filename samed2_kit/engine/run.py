@@ -58,7 +58,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
     from samed2_kit.engine import report
     from samed2_kit.engine.checkpoint import save_model
     from samed2_kit.engine.items import items_from_store
-    from samed2_kit.engine.train import train
+    from samed2_kit.engine.train import inject_adapters, train
     from samed2_kit.model.build import build_model
     from samed2_kit.utils.atomic import atomic_path, write_text
 
@@ -72,6 +72,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
 
     m = recipe.model
     model = build_model(m.variant, m.checkpoint, m.image_size)
+    inject_adapters(model, recipe)
     model, result, accel = train(recipe, model, store, progress=progress)
     if not accel.is_main_process:
         accel.end_training()

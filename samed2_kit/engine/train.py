@@ -52,6 +52,41 @@ def apply_train_mode(model, mode: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def inject_adapters(model, recipe: Recipe) -> None:
+    """Temporal adapters and LoRA as the recipe says (before training or loading adapters)."""
+    a = recipe.adapters
+    if a.temporal is not None:
+        from samed2_kit.adapters.temporal import inject_temporal_adapters
+
+        inject_temporal_adapters(model, a.temporal)
+    if a.lora is not None:
+        from samed2_kit.adapters.lora import inject_lora
+
+        inject_lora(model, a.lora)
+
+
+def param_groups(model, cfg) -> tuple[list[dict], int]:
+    """Optimizer groups (LR = train.lr x multiplier) and the trainable-parameter count, from the
+    recipe's `train.trainable` policy, else from `train.mode`."""
+    if cfg.trainable:
+        from samed2_kit.adapters.freeze import FreezePolicy, apply_policy
+
+        groups = apply_policy(model, FreezePolicy(cfg.trainable, dict(cfg.lr_mult)))
+        out = [
+            {"params": g["params"], "lr": cfg.lr * g["lr_mult"], "name": g["name"]} for g in groups
+        ]
+    else:
+        apply_train_mode(model, cfg.mode)
+        out = [
+            {
+                "params": [p for p in model.parameters() if p.requires_grad],
+                "lr": cfg.lr,
+                "name": "all",
+            }
+        ]
+    return out, sum(p.numel() for g in out for p in g["params"])
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """'auto' -> 'bf16' on a CUDA device with bf16 or a CPU with native bf16, else 'no'."""
     if choice in ("no", "bf16", "fp16"):
@@ -143,10 +178,10 @@ def train(recipe: Recipe, model, store: str, accelerator=None, progress: bool = 
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
     set_seed(cfg.seed)
-    n_trainable = apply_train_mode(model, cfg.mode)
+    groups, n_trainable = param_groups(model, cfg)
     ds, loader = make_loader(recipe, store, cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = cosine_with_warmup(opt, cfg.warmup_steps, cfg.steps)
     model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
     loss_fn = SegLoss(recipe.loss)

@@ -178,7 +178,9 @@ def build(
             report.skipped += skipped
             info["skipped"] += len(skipped)
             split_of = {
-                r.key: k for k, rs in split_by_case(refs, src.split or spec.split, spec.seed).items() for r in rs
+                r.key: k
+                for k, rs in split_by_case(refs, src.split or spec.split, spec.seed).items()
+                for r in rs
             }
             for ci, ref in enumerate(tqdm(refs, desc=f"build {src.name}", disable=not progress)):
                 try:
