@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,9 @@ import torch.nn.functional as F
 
 
 def make(variant: str, size: int, kind: str):
-    """kind: plain | adapted (temporal all blocks + LoRA encoder-attn) | merged (adapted, LoRA merged)."""
+    """kind: plain (all trainable) | adapted (temporal adapters in all blocks + LoRA encoder-attn,
+    all trainable) | frozen (adapted, pretrained encoder frozen: only adapters, LoRA, prompt
+    encoder and mask decoder train, as a fine-tuning recipe would) | merged (adapted, LoRA merged)."""
     from samed2_kit.adapters.lora import LoraSpec, inject_lora, merge_lora
     from samed2_kit.adapters.temporal import TemporalAdapterConfig, inject_temporal_adapters
     from samed2_kit.model import build_model
@@ -36,6 +37,11 @@ def make(variant: str, size: int, kind: str):
             p.requires_grad_(True)
         if kind == "merged":
             merge_lora(model)
+        if kind == "frozen":
+            from samed2_kit.adapters.freeze import FreezePolicy, apply_policy
+
+            keep = ["temporal_adapter", "lora", "prompt_encoder", "mask_decoder"]
+            apply_policy(model, FreezePolicy(keep))
     return model
 
 
@@ -51,7 +57,7 @@ def inputs(size: int, clips: int, t: int):
 
 
 def step_fn(model, images, prompts, target, t):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
     def go():
         out = model(images, prompts, clip_len=t)
@@ -105,28 +111,32 @@ def main() -> None:
         model.train()
         go = step_fn(model, *inputs(sizes[0], args.clips, args.T), args.T)
         go(), go()
-        print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        # VmHWM (not ru_maxrss, which a child inherits from its parent across fork + exec)
+        hwm = next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM"))
+        print(json.dumps({"peak_mb": int(hwm.split()[1]) / 1024}))
         return
     print(f"variant={args.variant} clips={args.clips} T={args.T} (batch {args.clips * args.T} images) "
           f"repeats={args.repeats} threads={torch.get_num_threads()} torch={torch.__version__}\n")  # fmt: skip
-    print("| px | train step plain (s) | train step adapted (s) | ratio | peak MB plain | peak MB adapted | ratio "
-          "| inference plain (s) | inference merged (s) | ratio |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| px | train step plain (s) | adapted, all trainable (s) | ratio | adapted, encoder frozen (s) "
+          "| ratio | peak MB plain | all trainable | frozen | inference plain (s) | merged (s) | ratio |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in sizes:
         x = inputs(size, args.clips, args.T)
-        models = {k: make(args.variant, size, k) for k in ("plain", "adapted", "merged")}
-        models["plain"].train(), models["adapted"].train()
-        steps = alternate(
-            {k: step_fn(models[k], *x, args.T) for k in ("plain", "adapted")}, args.repeats
-        )
+        kinds = ("plain", "adapted", "frozen")
+        models = {k: make(args.variant, size, k) for k in (*kinds, "merged")}
+        for k in kinds:
+            models[k].train()
+        st = alternate({k: step_fn(models[k], *x, args.T) for k in kinds}, args.repeats)
         models["plain"].eval(), models["merged"].eval()
         fwd = alternate(
             {k: fwd_fn(models[k], x[0], x[1], args.T) for k in ("plain", "merged")}, args.repeats
         )
-        mem = {k: peak_rss_mb(args, size, k) for k in ("plain", "adapted")}
+        mem = {k: peak_rss_mb(args, size, k) for k in kinds}
         print(
-            f"| {size} | {steps['plain']:.3f} | {steps['adapted']:.3f} | {steps['adapted'] / steps['plain']:.3f} "
-            f"| {mem['plain']:.0f} | {mem['adapted']:.0f} | {mem['adapted'] / mem['plain']:.3f} "
+            f"| {size} | {st['plain']:.3f} | {st['adapted']:.3f} | {st['adapted'] / st['plain']:.3f} "
+            f"| {st['frozen']:.3f} | {st['frozen'] / st['plain']:.3f} | {mem['plain']:.0f} "
+            f"| {mem['adapted']:.0f} ({mem['adapted'] / mem['plain']:.2f}x) "
+            f"| {mem['frozen']:.0f} ({mem['frozen'] / mem['plain']:.2f}x) "
             f"| {fwd['plain']:.3f} | {fwd['merged']:.3f} | {fwd['merged'] / fwd['plain']:.3f} |"
         )
 

@@ -73,7 +73,8 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
 
     out = []
     for row, m in zip(rows, meta, strict=True):
-        sid = f"{m['case_id']}#{m['label']}@{m['slice_index']}"
+        # the sample row makes ids unique where one case has several 2D images (hc18 010, 010_2)
+        sid = f"{m['case_id']}#{m['label']}@{m['slice_index']}/{row}"
         out.append(
             EvalItem(sid, m["case_id"], m["task"], m["label"], tuple(m["spacing"][1:]),
                      loader(row, m["image_row"]))
