@@ -87,3 +87,23 @@ def test_too_few_samples_is_a_clear_error(hc18_store):
     m = build_model("test-tiny", image_size=128)
     with pytest.raises(ValueError, match="fewer than train.batch_size=64"):
         train(_recipe("train.batch_size=64"), m, hc18_store, progress=False)
+
+
+def test_param_groups_follow_the_policy_and_lr_multipliers():
+    from samed2_kit.engine.train import inject_adapters, param_groups
+
+    r = _recipe(
+        "adapters.temporal={rank: 4}",
+        "train.trainable=[temporal_adapter, mask_decoder]",
+        "train.lr_mult={temporal_adapter: 10}",
+    )
+    m = build_model("test-tiny", image_size=128)
+    inject_adapters(m, r)
+    groups, n = param_groups(m, r.train)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs["temporal_adapter"] == pytest.approx(10 * r.train.lr)
+    assert len(groups) == 2 and n == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    trainable = {k for k, p in m.named_parameters() if p.requires_grad}
+    assert all(".temporal_adapter." in k or ".sam_mask_decoder." in k for k in trainable)
+    with pytest.raises(ValueError, match="decoderr"):
+        param_groups(m, _recipe("train.trainable=[decoderr]").train)
