@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after options (`train R.yaml --out D a=1`): argparse leaves them
     args, extra = parser.parse_known_args(argv)
-    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    stray = [
+        e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")
+    ]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

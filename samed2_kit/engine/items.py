@@ -1,6 +1,6 @@
 """Evaluation items: one image + ground-truth mask at original resolution, with its spacing.
 
-Two providers: a medbank store split (what training uses) and folder-of-pairs records.
+Provided from a medbank store split (what training and `samed2 eval` use).
 """
 
 from __future__ import annotations
@@ -23,28 +23,6 @@ class EvalItem:
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
     intensity: str = "2d"
     window: tuple[float, float] | None = None
-
-
-def items_from_pairs(records) -> list[EvalItem]:
-    """From `samed2_kit.medbank.pairs.PairRecord`s (intensity handled per record)."""
-    from samed2_kit.medbank.io.image import read_image, read_mask
-
-    def loader(rec):
-        return lambda: (read_image(rec.image_path), read_mask(rec.mask_path))
-
-    return [
-        EvalItem(
-            r.sample_id,
-            r.case_id,
-            r.task,
-            r.label,
-            tuple(r.spacing),
-            loader(r),
-            r.intensity,
-            r.window,
-        )
-        for r in records
-    ]
 
 
 def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[EvalItem]:

@@ -15,13 +15,6 @@ import torch
 
 from samed2_kit.config import Recipe
 
-# Modules of sam2's SAM2Base each training mode updates. The memory modules stay frozen here:
-# the image-only path does not use them (the memory issue trains them).
-TRAIN_MODES: dict[str, tuple[str, ...]] = {
-    "full": ("image_encoder", "no_mem_embed", "sam_prompt_encoder", "sam_mask_decoder"),
-    "decoder": ("sam_prompt_encoder", "sam_mask_decoder"),
-}
-
 
 @dataclass
 class StepLog:
@@ -42,13 +35,11 @@ class TrainResult:
 
 
 def apply_train_mode(model, mode: str) -> int:
-    """Freeze everything in `model.sam` but the modules of `mode`; return the trainable count.
-    Our own modules (prompt sources, gates, memory) stay trainable."""
-    if mode not in TRAIN_MODES:
-        raise ValueError(f"train.mode={mode!r}: choose one of {sorted(TRAIN_MODES)}")
-    keep = TRAIN_MODES[mode]
-    for name, p in model.sam.named_parameters():
-        p.requires_grad_(name.split(".")[0] in keep)
+    """Freeze by a recipe's `train.mode` (full | decoder; adapters, prompt sources and memory the
+    model has stay trainable); return the trainable parameter count."""
+    from samed2_kit.adapters.freeze import apply_policy, policy_for_mode
+
+    apply_policy(model, policy_for_mode(model, mode))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -68,22 +59,14 @@ def inject_adapters(model, recipe: Recipe) -> None:
 def param_groups(model, cfg) -> tuple[list[dict], int]:
     """Optimizer groups (LR = train.lr x multiplier) and the trainable-parameter count, from the
     recipe's `train.trainable` policy, else from `train.mode`."""
-    if cfg.trainable:
-        from samed2_kit.adapters.freeze import FreezePolicy, apply_policy
+    from samed2_kit.adapters.freeze import FreezePolicy, apply_policy, policy_for_mode
 
-        groups = apply_policy(model, FreezePolicy(cfg.trainable, dict(cfg.lr_mult)))
-        out = [
-            {"params": g["params"], "lr": cfg.lr * g["lr_mult"], "name": g["name"]} for g in groups
-        ]
+    if cfg.trainable:
+        policy = FreezePolicy(cfg.trainable, dict(cfg.lr_mult))
     else:
-        apply_train_mode(model, cfg.mode)
-        out = [
-            {
-                "params": [p for p in model.parameters() if p.requires_grad],
-                "lr": cfg.lr,
-                "name": "all",
-            }
-        ]
+        policy = policy_for_mode(model, cfg.mode, dict(cfg.lr_mult))
+    groups = apply_policy(model, policy)
+    out = [{"params": g["params"], "lr": cfg.lr * g["lr_mult"], "name": g["name"]} for g in groups]
     return out, sum(p.numel() for g in out for p in g["params"])
 
 
