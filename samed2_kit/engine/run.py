@@ -71,6 +71,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
     eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
 
     m = recipe.model
+    torch.manual_seed(recipe.train.seed)  # the random init (and any unloaded weights) by seed
     model = build_model(m.variant, m.checkpoint, m.image_size)
     inject_adapters(model, recipe)
     model, result, accel = train(recipe, model, store, progress=progress)
