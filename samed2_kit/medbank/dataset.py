@@ -7,7 +7,6 @@ with OpenCV. ``collate_clips`` flattens clips into the model's ``(B*T, ...)`` ro
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import torch
 
 from samed2_kit.medbank.pair_dataset import augment_clip, collate
 from samed2_kit.medbank.preprocess import normalize_intensity, resize_mask, to_model_input
-from samed2_kit.medbank.schema import IMAGES_DIR, MANIFEST, SAMPLES_DIR, SCHEMA_VERSION
 from samed2_kit.prompts import Prompt, PromptConfig, sample_prompt, scale_prompt
 
 SAMPLE_COLUMNS = (
@@ -46,32 +44,18 @@ def decode_png(cell: dict | None, where: str) -> np.ndarray:
     return arr
 
 
-def open_store(store_dir: str | Path):
-    """Open a store's ``(images, samples)`` tables, memory-mapped, PNG columns as raw bytes.
+def _open_raw(store_dir: str | Path):
+    """A store's ``(images, samples)`` tables (`store.open_store`), PNG columns as raw bytes;
+    ``images`` keeps only its ``image`` column. ValueError if sample columns are missing."""
+    from datasets import Image
 
-    ``images`` keeps only its ``image`` column. ValueError if the folders, the schema version
-    or sample columns are not what :mod:`samed2_kit.medbank.schema` describes."""
-    from datasets import Image, load_from_disk
+    from samed2_kit.medbank.store import open_store
 
-    root = Path(store_dir)
-    missing = [d for d in (IMAGES_DIR, SAMPLES_DIR) if not (root / d).is_dir()]
-    if missing:
-        raise ValueError(
-            f"store {root} has no {' or '.join(d + '/' for d in missing)}: not a medbank store; "
-            f"build one with `samed2 medbank build SOURCES... --out {root}`"
-        )
-    if (root / MANIFEST).is_file():
-        version = json.loads((root / MANIFEST).read_text()).get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"store {root}: {MANIFEST} schema_version {version}, this samed2_kit reads "
-                f"{SCHEMA_VERSION}; rebuild the store with this version"
-            )
-    images, samples = (load_from_disk(str(root / d)) for d in (IMAGES_DIR, SAMPLES_DIR))
+    _, images, samples = open_store(store_dir)
     absent = [c for c in SAMPLE_COLUMNS if c not in samples.column_names]
     if "image" not in images.column_names or absent:
         raise ValueError(
-            f"store {root}: missing columns {absent or ['images/image']}; rebuild the store "
+            f"store {store_dir}: missing columns {absent or ['images/image']}; rebuild the store "
             "with this samed2_kit version"
         )
     images = images.select_columns(["image"]).cast_column("image", Image(decode=False))
@@ -148,7 +132,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.seed, self.augment, self.epoch = int(seed), augment, 0
         if self.clip_len < 1:
             raise ValueError(f"clip_len={clip_len}: a clip has at least 1 slice")
-        self._images, self._samples = open_store(self.store_dir)
+        self._images, self._samples = _open_raw(self.store_dir)
         self._masks = self._samples.select_columns(["mask"])
         self.rows = _select_rows(self._samples, self.store_dir, split, tasks, modalities)
         self._check_clip_len()

@@ -11,17 +11,26 @@ from samed2_kit.medbank.schema import IMAGES_DIR, MANIFEST, SAMPLES_DIR
 
 
 def open_store(path: str | Path):
-    """(manifest dict, images Dataset, samples Dataset), memory-mapped."""
+    """(manifest dict, images Dataset, samples Dataset), memory-mapped. ValueError when `path` is
+    not a store or was written with another schema version."""
     from datasets import load_from_disk
+
+    from samed2_kit.medbank.schema import SCHEMA_VERSION
 
     path = Path(path)
     missing = [p for p in (MANIFEST, IMAGES_DIR, SAMPLES_DIR) if not (path / p).exists()]
     if missing:
-        raise FileNotFoundError(
+        raise ValueError(
             f"{path} is not a medbank store (missing {missing}): build one with "
             "`samed2 medbank build SPEC --out DIR`"
         )
     manifest = json.loads((path / MANIFEST).read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"store {path}: {MANIFEST} schema_version {version}, this samed2_kit reads "
+            f"{SCHEMA_VERSION}; rebuild the store with this version"
+        )
     return manifest, load_from_disk(str(path / IMAGES_DIR)), load_from_disk(str(path / SAMPLES_DIR))
 
 
