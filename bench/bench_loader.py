@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from samed2_kit.medbank._synthetic import SyntheticCase, write_synthetic_store
-from samed2_kit.medbank.dataset import StoreDataset, collate_clips, open_store
+from samed2_kit.medbank.dataset import StoreDataset, collate_clips, open_store_raw
 from samed2_kit.prompts import PromptConfig
 
 
@@ -102,7 +102,7 @@ def decode_ms(store) -> tuple[float, float]:
 
     from samed2_kit.medbank.dataset import decode_png
 
-    raw, _ = open_store(store)
+    raw, _ = open_store_raw(store)
     pil = load_from_disk(str(store / "images")).select_columns(["image"])
     rows = list(range(min(40, len(raw))))
     t = time.perf_counter()

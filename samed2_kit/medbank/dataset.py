@@ -44,7 +44,7 @@ def decode_png(cell: dict | None, where: str) -> np.ndarray:
     return arr
 
 
-def _open_raw(store_dir: str | Path):
+def open_store_raw(store_dir: str | Path):
     """A store's ``(images, samples)`` tables (`store.open_store`), PNG columns as raw bytes;
     ``images`` keeps only its ``image`` column. ValueError if sample columns are missing."""
     from datasets import Image
@@ -132,7 +132,7 @@ class StoreDataset(torch.utils.data.Dataset):
         self.seed, self.augment, self.epoch = int(seed), augment, 0
         if self.clip_len < 1:
             raise ValueError(f"clip_len={clip_len}: a clip has at least 1 slice")
-        self._images, self._samples = _open_raw(self.store_dir)
+        self._images, self._samples = open_store_raw(self.store_dir)
         self._masks = self._samples.select_columns(["mask"])
         self.rows = _select_rows(self._samples, self.store_dir, split, tasks, modalities)
         self._check_clip_len()
