@@ -1,8 +1,8 @@
 """`samed2`: the command line.
 
 samed2 quickstart [--checkpoint PATH] [--out DIR] [key=value ...]
-samed2 train RECIPE.yaml [--out DIR] [key=value ...]
-samed2 eval RUN_DIR [--recipe RECIPE.yaml] [key=value ...]
+samed2 train RECIPE.yaml [--out DIR] [--resume | --overwrite] [key=value ...]
+samed2 eval RUN_DIR [STORE] [--split S] [--protocol P] [--clicks K] [--out DIR] [key=value ...]
 samed2 info
 """
 
@@ -34,7 +34,7 @@ def cmd_quickstart(args) -> int:
     if args.checkpoint:
         overrides.append(f"model.checkpoint={args.checkpoint}")
     recipe = load_recipe(_quickstart_recipe(), overrides)
-    summary = run_recipe(recipe, args.out)
+    summary = run_recipe(recipe, args.out, resume=args.resume, overwrite=not args.resume)
     o = summary.get("overall")
     if o and o["dice"] <= o["box_dice"]:
         print("[samed2] note: the model did not beat the box baseline on this run", file=sys.stderr)
@@ -45,33 +45,93 @@ def cmd_train(args) -> int:
     from samed2_kit.config import load_recipe
     from samed2_kit.engine.run import run_recipe
 
-    run_recipe(load_recipe(args.recipe, args.overrides), args.out)
+    recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.continual is not None:
+        from samed2_kit.engine.continual import run_continual
+
+        run_continual(recipe, args.out, resume=args.resume, overwrite=args.overwrite)
+    else:
+        run_recipe(recipe, args.out, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
-def cmd_eval(args) -> int:
+def _eval_recipe(folder: Path, args):
+    """The recipe to evaluate with: --recipe, else the one saved in model.json; key=value overrides
+    and then the --split/--protocol/--clicks options applied to it."""
+    import dataclasses
+
     from samed2_kit.config import Recipe, apply_overrides, from_dict, load_recipe
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe, args.overrides)
+    else:
+        meta = folder / "model.json"
+        if not meta.is_file():
+            raise FileNotFoundError(
+                f"{meta} not found: WEIGHTS must be a run folder written by `samed2 train` "
+                "(model.safetensors + model.json)"
+            )
+        saved = json.loads(meta.read_text())
+        if "recipe" not in saved:
+            raise ValueError(f"{meta} holds no recipe: pass --recipe RECIPE.yaml")
+        source = f"{meta} (+ overrides)" if args.overrides else str(meta)
+        recipe = from_dict(Recipe, apply_overrides(saved["recipe"], args.overrides), "", source)
+    options = {"split": args.split, "prompt": args.protocol, "clicks": args.clicks}
+    options = {k: v for k, v in options.items() if v is not None}
+    recipe.eval = dataclasses.replace(recipe.eval, **options)
+    return recipe
+
+
+def cmd_eval(args) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
     from samed2_kit.engine import evaluate as ev
+    from samed2_kit.engine import report
     from samed2_kit.engine.checkpoint import load_model
     from samed2_kit.engine.items import items_from_store
 
     run = Path(args.weights)
-    model = load_model(run)
-    if args.recipe:
-        recipe = load_recipe(args.recipe, args.overrides)
-    else:
-        saved = json.loads(((run if run.is_dir() else run.parent) / "model.json").read_text())
-        if "recipe" not in saved:
-            raise ValueError(f"{run} has no recipe in model.json: pass --recipe RECIPE.yaml")
-        recipe = from_dict(Recipe, apply_overrides(saved["recipe"], args.overrides), "", str(run))
-    store = args.store or recipe.data.store or str(run.with_name(run.name + "-store"))
-    items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
-    rows, _ = ev.evaluate(model, items, recipe.eval.prompt, recipe.eval.nsd_tolerance_mm)
-    summary = ev.summarize(rows)
-    if args.csv:
-        ev.write_csv(rows, args.csv)
-    print(json.dumps(summary, indent=2))
+    if not run.exists():
+        raise FileNotFoundError(f"WEIGHTS {run} does not exist: pass a run folder")
+    folder = run if run.is_dir() else run.parent
+    if args.data and "=" in args.data and not Path(args.data).exists():
+        args.overrides, args.data = [args.data, *args.overrides], None  # a key=value, not DATA
+    recipe = _eval_recipe(folder, args)
+    cfg = recipe.eval
+    store = args.data or recipe.data.store or str(folder.with_name(folder.name + "-store"))
+    out = Path(args.out) if args.out else folder / f"eval-{cfg.split}-{cfg.prompt}"
+    # under `accelerate launch` this joins the process group (CPU ranks need ACCELERATE_USE_CPU)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    items = items_from_store(store, cfg.split, recipe.data.tasks)
+    model = load_model(folder, device=state.device)
+    rows, _ = ev.evaluate(model, items, cfg, progress=state.is_main_process)
+    if state.is_main_process:
+        summary = ev.summarize(rows)
+        info = _eval_info(folder, store, cfg, state.num_processes)
+        written = report.write_eval(out, rows, summary, info)
+        print(f"[samed2] eval {cfg.prompt} on {store}, split {cfg.split}: {len(rows)} samples, "
+              f"{state.num_processes} process(es)")  # fmt: skip
+        print("\n".join(report.metrics_table({**summary["per_task"], "all": summary["overall"]})))
+        print("\n".join(report.metrics_table(summary["per_modality"], first="modality")))
+        print(f"[samed2] eval written to {out}: {', '.join(p.name for p in written)}")
+    state.wait_for_everyone()
+    if state.num_processes > 1:
+        state.destroy_process_group()
     return 0
+
+
+def _eval_info(folder: Path, store: str, cfg, processes: int) -> dict:
+    """Set-up lines of summary.md / summary.json."""
+    tol = f"{cfg.nsd_tolerance_mm} mm" + "".join(
+        f", {m}: {t} mm" for m, t in sorted(cfg.nsd_tolerance_by_modality.items())
+    )
+    info = {"name": folder.name, "weights": str(folder), "store": store, "split": cfg.split}
+    info["protocol"] = cfg.prompt
+    if cfg.prompt == "box+clicks":
+        info["clicks"] = cfg.clicks
+    info |= {"nsd_tolerance": tol, "max_items_per_task": cfg.max_items, "processes": processes}
+    return info
 
 
 def cmd_info(args) -> int:
@@ -91,21 +151,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quickstart", help="train + evaluate on the bundled sample data")
     q.add_argument("--checkpoint", help="SAM 2 checkpoint (.pt) to fine-tune from")
-    q.add_argument("--out", help="run folder (default: recipe out_dir)")
+    q.add_argument("--out", help="run folder (default: recipe out_dir); replaced unless --resume")
+    q.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     q.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     q.set_defaults(func=cmd_quickstart)
 
     t = sub.add_parser("train", help="train and evaluate from a YAML recipe")
     t.add_argument("recipe")
     t.add_argument("--out", help="run folder (default: recipe out_dir)")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     t.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a trained run folder on its recipe's test split")
+    e = sub.add_parser("eval", help="evaluate a trained run folder with a prompt protocol")
     e.add_argument("weights", help="run folder (model.safetensors + model.json)")
-    e.add_argument("--recipe", help="recipe whose data to evaluate on (default: the saved one)")
-    e.add_argument("--store", help="medbank store to evaluate on (default: the run's)")
-    e.add_argument("--csv", help="write per-case rows here")
+    e.add_argument("data", nargs="?", help="medbank store (default: the recipe's, or RUN-store)")
+    e.add_argument("--split", help="store split to evaluate (default: the recipe's eval.split)")
+    protocols = ("box", "point", "box+clicks")  # config.EVAL_PROTOCOLS (config imports torch)
+    e.add_argument("--protocol", choices=protocols, help="prompt protocol (eval.prompt)")
+    e.add_argument("--clicks", type=int, help="corrective clicks for box+clicks (eval.clicks)")
+    e.add_argument("--out", help="output folder (default: WEIGHTS/eval-SPLIT-PROTOCOL)")
+    e.add_argument("--recipe", help="recipe to evaluate with (default: the saved one)")
     e.add_argument("overrides", nargs="*", help="recipe overrides key=value")
     e.set_defaults(func=cmd_eval)
 

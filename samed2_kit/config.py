@@ -68,13 +68,91 @@ class TrainConfig:
     multimask: bool = False  # train on the best of 3 masks (SAM 2's rule for ambiguous prompts)
     seed: int = 0
     log_every: int = 10
+    save_every: int = 0  # checkpoint every N optimizer steps (and at the end); 0: none
+    keep_last: int = 3  # checkpoints kept (the newest K)
+    val_every: int = 0  # validation Dice per task on `val_split` every N steps (and at the end)
+    val_split: str = "val"
+    val_max_items: int = 32  # validation items per task (the first N of the split)
+    tensorboard: bool = True  # event files in RUN/tensorboard (Accelerate's tracker)
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")
+        for key in ("save_every", "val_every", "warmup_steps", "val_max_items"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0: off)")
+
+
+EVAL_PROTOCOLS = ("box", "point", "box+clicks")
+MAX_EVAL_CLICKS = 20
 
 
 @dataclass
 class EvalConfig:
-    prompt: str = "box"  # box | point (one positive click at the mask's centre-most pixel)
-    nsd_tolerance_mm: float = 2.0
+    """Evaluation protocol (`samed2_kit.engine.evaluate`); values are checked on construction."""
+
+    prompt: str = "box"  # box | point | box+clicks (box, then corrective clicks from the errors)
+    clicks: int = 5  # corrective clicks after the box for box+clicks (0..20)
+    nsd_tolerance_mm: float = 2.0  # NSD tolerance in mm for modalities not listed below
+    nsd_tolerance_by_modality: dict[str, float] = field(default_factory=dict)  # {ct: 1.0, us: 2.0}
     split: str = "test"
+    max_items: int | None = None  # at most this many items per task (the first, in store order)
+
+    def __post_init__(self):
+        if self.prompt not in EVAL_PROTOCOLS:
+            raise ValueError(
+                f"eval.prompt={self.prompt!r} is not a protocol: set it to one of "
+                f"{', '.join(EVAL_PROTOCOLS)}"
+            )
+        if isinstance(self.clicks, bool) or not (
+            isinstance(self.clicks, int) and 0 <= self.clicks <= MAX_EVAL_CLICKS
+        ):
+            raise ValueError(
+                f"eval.clicks={self.clicks!r} is out of range: set an integer in 0..{MAX_EVAL_CLICKS}"
+            )
+        tolerances = {"eval.nsd_tolerance_mm": self.nsd_tolerance_mm} | {
+            f"eval.nsd_tolerance_by_modality.{m}": t
+            for m, t in self.nsd_tolerance_by_modality.items()
+        }
+        for key, tol in tolerances.items():
+            if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1e9:
+                raise ValueError(f"{key}={tol!r} is not a tolerance: set a number of mm >= 0")
+        n = self.max_items
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(
+                f"eval.max_items={self.max_items!r}: set an integer >= 1, or null for all items"
+            )
+
+    def nsd_tolerance(self, modality: str) -> float:
+        """NSD tolerance in mm for `modality` (its own entry, else the default)."""
+        return float(self.nsd_tolerance_by_modality.get(modality, self.nsd_tolerance_mm))
+
+
+@dataclass
+class StageConfig:
+    """One stage of continual training: train on `tasks` for `steps` optimizer steps."""
+
+    name: str
+    tasks: list[str]
+    steps: int = 200
+    replay: int = 0  # training examples of the earlier stages' tasks kept and mixed in (seeded)
+    lr: float | None = None  # default: train.lr
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError(f"continual stage {self.name!r} needs at least one task")
+        if self.steps < 1 or self.replay < 0:
+            raise ValueError(f"continual stage {self.name!r}: steps >= 1 and replay >= 0")
+
+
+@dataclass
+class ContinualConfig:
+    """Stages trained one after the other (modalities A, then B, ...); after each, every stage's
+    tasks are evaluated, giving forgetting (Dice drop on earlier tasks) and gain (on new ones)."""
+
+    stages: list[StageConfig] = field(default_factory=list)
+    replay: int | None = None  # when set, replaces every stage's `replay` (e.g. 0: no replay)
 
 
 @dataclass
@@ -85,6 +163,9 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    continual: ContinualConfig | None = (
+        None  # stages of continual training (samed2 train runs them)
+    )
     out_dir: str = "runs/quickstart"
 
 

@@ -29,7 +29,8 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def hc18_store(tmp_path_factory) -> str:
-    """A medbank store of 10 bundled HC18 images (000-009), split train 0.8 / test 0.2."""
+    """A medbank store of 10 bundled HC18 images (000-009), split by case train 0.6 / val 0.2 /
+    test 0.2."""
     from samed2_kit.medbank.build import build
     from samed2_kit.medbank.spec import load_spec
 
@@ -37,7 +38,7 @@ def hc18_store(tmp_path_factory) -> str:
     spec = folder / "spec.yaml"
     root = REPO / "samed2_kit" / "sample_data" / "hc18"
     spec.write_text(
-        "split: {train: 0.8, test: 0.2}\n"
+        "split: {train: 0.6, val: 0.2, test: 0.2}\n"
         "sources:\n"
         f"  - {{name: hc18, layout: pairs, root: '{root}', image: 'images/00{{id}}HC.png',\n"
         "     mask: 'masks/00{id}HC_Annotation.png', spacing_csv: pixel_size.csv,\n"

@@ -1,49 +1,132 @@
 """Evaluation with a fixed prompt protocol: per-case Dice, NSD and HD95 (MONAI, spacing-aware),
 next to the box-filled baseline (the prompt box itself as the mask).
 
-Prompts come from the ground truth, deterministically, in original-image pixels:
+Prompts come from the ground truth, deterministically (no random numbers), in original-image pixels:
+
 - box: the tight box of the mask;
-- point: one positive click at the mask pixel farthest from its border.
-Evaluation runs under `torch.no_grad()` in eval mode and restores the model's mode afterwards.
+- point: one positive click at the mask pixel farthest from its border;
+- box+clicks: the box, then up to K corrective clicks (`EvalConfig.clicks`). Each click goes to
+  the largest connected error region of the current prediction (false negatives and false
+  positives labelled separately, 4-connected; on equal sizes false negatives first, then the
+  region met first in raster order), at its pixel farthest from the region's border (the first in
+  raster order on ties); positive on a false negative, negative on a false positive. The model is
+  then prompted with the box, all clicks so far and the previous low-res logits as mask input
+  (SAM's interactive protocol). When nothing is wrong any more, the remaining clicks keep the
+  last Dice.
+
+  The per-click Dice curve d_0..d_K (d_0 after the box) is summarised by its area:
+  DICE_AUC = trapezoid area under d against the click number 0..K, divided by K, so it lies in
+  [0, 1] (the DSC_AUC of the CVPR 2025 challenge "Foundation Models for Interactive 3D Biomedical
+  Image Segmentation", normalised by K here; K = 0 gives d_0). The row's Dice, NSD and HD95 are
+  those of the final prediction.
+
+Evaluation runs under `torch.no_grad()` in eval mode and restores every module's training flag;
+parameters and buffers are left as they were. Under torch.distributed each process evaluates
+items[rank::world] and all processes return every row, once, in input order.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
-PROTOCOLS = ("box", "point")
+from samed2_kit.config import EVAL_PROTOCOLS as PROTOCOLS
+from samed2_kit.config import EvalConfig
+
+METRICS = ("dice", "nsd", "hd95", "box_dice", "box_nsd", "box_hd95")
 
 
 @dataclass
 class CaseRow:
+    """One evaluated sample. hd95 in mm; click_dice: Dice after the box and after each corrective
+    click (box+clicks only, else empty); dice_auc: its normalised area (nan when not box+clicks)."""
+
     sample_id: str
     case_id: str
     task: str
     label: str
+    modality: str
     dice: float
     nsd: float
     hd95: float
     box_dice: float
     box_nsd: float
     box_hd95: float
+    click_dice: list[float] = field(default_factory=list)
+    dice_auc: float = float("nan")
+
+
+@dataclass(frozen=True)
+class Click:
+    """A click at pixel (x, y) = (column, row) of the original image; positive = foreground."""
+
+    x: int
+    y: int
+    positive: bool
+
+
+def innermost_pixel(mask: np.ndarray) -> tuple[int, int]:
+    """(y, x) of the pixel of `mask` (H, W) bool farthest from its border (outside the image
+    counts as border); the first in raster order on ties."""
+    from scipy import ndimage
+
+    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return int(y), int(x)
 
 
 def gt_prompt(mask: np.ndarray, protocol: str) -> dict:
-    """Deterministic prompt from a ground-truth mask (H, W) bool, in pixel coordinates."""
-    from scipy import ndimage
-
+    """First prompt of `protocol` from a ground-truth mask (H, W) bool, in pixel coordinates:
+    {"box": (4,) x0 y0 x1 y1} for box and box+clicks, one positive point for point."""
     from samed2_kit.prompts import box_from_mask
 
     if protocol not in PROTOCOLS:
-        raise ValueError(f"eval.prompt={protocol!r}: choose one of {PROTOCOLS}")
-    if protocol == "box":
+        raise ValueError(f"eval.prompt={protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    if protocol in ("box", "box+clicks"):
         return {"box": box_from_mask(mask)}
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    y, x = innermost_pixel(mask)
     return {"point_coords": np.array([[x, y]], np.float32), "point_labels": np.array([1])}
+
+
+def corrective_click(pred: np.ndarray, gt: np.ndarray) -> Click | None:
+    """The next corrective click for prediction `pred` against `gt` (both (H, W) bool), or None
+    when they agree. See the module docstring for the rule."""
+    from scipy import ndimage
+
+    best = None  # (size, positive, component mask within its bounding box, offset)
+    for positive, error in ((True, gt & ~pred), (False, pred & ~gt)):
+        labels, n = ndimage.label(error)
+        if n == 0:
+            continue
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+        k = int(np.argmax(sizes))  # labels follow raster order: the first largest
+        if best is None or sizes[k] > best[0]:
+            box = ndimage.find_objects(labels, max_label=k + 1)[k]
+            best = (sizes[k], positive, labels[box] == k + 1, (box[0].start, box[1].start))
+    if best is None:
+        return None
+    _, positive, component, (y0, x0) = best
+    y, x = innermost_pixel(component)
+    return Click(x0 + x, y0 + y, positive)
+
+
+def dice_auc(curve: list[float]) -> float:
+    """Trapezoid area under Dice d_0..d_K against click number 0..K, divided by K (in [0, 1]);
+    d_0 when K = 0; nan for an empty curve."""
+    d = np.asarray(curve, dtype=float)
+    if d.size == 0:
+        return float("nan")
+    if d.size == 1:
+        return float(d[0])
+    return float((d.sum() - (d[0] + d[-1]) / 2) / (d.size - 1))
+
+
+def dice(pred: np.ndarray, gt: np.ndarray) -> float:
+    """Dice of two (H, W) bool masks; 1 when both are empty."""
+    total = int(pred.sum()) + int(gt.sum())
+    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
 
 
 def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
@@ -54,69 +137,212 @@ def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     return (xs >= np.floor(x0)) & (xs <= np.ceil(x1)) & (ys >= np.floor(y0)) & (ys <= np.ceil(y1))
 
 
-def evaluate(model, items, protocol: str = "box", nsd_tolerance_mm: float = 2.0, progress=True):
-    """Evaluate `model` on `EvalItem`s (see `samed2_kit.engine.items`); returns (rows, predictions),
-    predictions[i] being the predicted mask (H, W) bool of rows[i] (kept for overlays). Samples
-    with an empty ground truth are skipped (no prompt can be made from them). The box baseline
-    always uses the tight box."""
+def click_session(predictor, gt: np.ndarray, box: np.ndarray, clicks: int):
+    """Box, then up to `clicks` corrective clicks on the predictor's current image.
+
+    Returns the final mask (H, W) bool and the Dice curve (clicks + 1 values)."""
+    masks, _, low = predictor.predict(box=box, multimask_output=False)
+    pred = masks[0]
+    curve = [dice(pred, gt)]
+    coords, labels = [], []
+    for _ in range(clicks):
+        click = corrective_click(pred, gt)
+        if click is None:  # nothing left to correct: the last Dice holds for the other clicks
+            curve += [curve[-1]] * (clicks + 1 - len(curve))
+            break
+        coords.append((click.x, click.y))
+        labels.append(int(click.positive))
+        masks, _, low = predictor.predict(
+            point_coords=np.array(coords, np.float32),
+            point_labels=np.array(labels),
+            box=box,
+            mask_input=low,
+            multimask_output=False,
+        )
+        pred = masks[0]
+        curve.append(dice(pred, gt))
+    return pred, curve
+
+
+def evaluate_item(predictor, item, cfg: EvalConfig) -> tuple[CaseRow, np.ndarray] | None:
+    """One `EvalItem` under `cfg`'s protocol: its row and predicted mask (H, W) bool; None when
+    its ground truth is empty (no prompt can be made from it)."""
+    from samed2_kit.metrics import case_metrics
+
+    image, gt = item.load()
+    if not gt.any():
+        return None
+    predictor.set_image(image, modality=item.intensity, window=item.window)
+    box = gt_prompt(gt, "box")["box"]
+    curve: list[float] = []
+    if cfg.prompt == "box+clicks":
+        pred, curve = click_session(predictor, gt, box, cfg.clicks)
+    else:
+        masks, _, _ = predictor.predict(**gt_prompt(gt, cfg.prompt), multimask_output=False)
+        pred = masks[0]
+    tol = cfg.nsd_tolerance(item.modality)
+    m = case_metrics(pred, gt, item.spacing, tol)
+    b = case_metrics(box_mask(gt.shape, box), gt, item.spacing, tol)
+    row = CaseRow(
+        item.sample_id, item.case_id, item.task, item.label, item.modality,
+        m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95,
+        click_dice=curve, dice_auc=dice_auc(curve) if curve else float("nan"),
+    )  # fmt: skip
+    return row, pred
+
+
+def limit_per_task(items: list, max_items: int | None) -> list:
+    """The first `max_items` items of each task, in input order (all when None)."""
+    if max_items is None:
+        return list(items)
+    seen: dict[str, int] = {}
+    out = []
+    for it in items:
+        seen[it.task] = seen.get(it.task, 0) + 1
+        if seen[it.task] <= max_items:
+            out.append(it)
+    return out
+
+
+def _rank_world() -> tuple[int, int]:
+    """(process index, number of processes): Accelerate's PartialState when torch.distributed is
+    initialised, else (0, 1)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    from accelerate import PartialState
+
+    if PartialState._shared_state:  # made by the caller (run_recipe, cmd_eval)
+        state = PartialState()
+        return state.process_index, state.num_processes
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _pack(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    return np.packbits(mask.ravel()), mask.shape
+
+
+def _unpack(packed: tuple[np.ndarray, tuple[int, int]]) -> np.ndarray:
+    bits, shape = packed
+    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+
+
+def _gather(local: list, world: int) -> list:
+    """Every process's `local` list, concatenated (the list itself in one process)."""
+    if world == 1:
+        return local
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, local)
+    return [x for part in parts for x in part]
+
+
+def _module_state(model) -> dict:
+    """Every module's training flag, to restore after evaluation."""
+    return {m: m.training for m in model.modules()}
+
+
+def evaluate(
+    model, items: list, cfg: EvalConfig, progress: bool = True
+) -> tuple[list[CaseRow], list[np.ndarray]]:
+    """Evaluate `model` on `EvalItem`s (`samed2_kit.engine.items`) under `cfg`'s protocol.
+
+    Returns (rows, predictions): predictions[i] is the predicted mask (H, W) bool of rows[i], in
+    the input order of the items (at most `cfg.max_items` per task; items with an empty ground
+    truth are skipped). Under torch.distributed each process evaluates items[rank::world] and every
+    process returns all rows. The box baseline always uses the tight box.
+    """
     from tqdm.auto import tqdm
 
-    from samed2_kit.metrics import case_metrics
     from samed2_kit.model.predictor import Predictor
-    from samed2_kit.prompts import box_from_mask
 
-    was_training = model.training
+    items = limit_per_task(items, cfg.max_items)
+    rank, world = _rank_world()
+    flags = _module_state(model)
     predictor = Predictor(model)
-    rows, preds = [], []
+    local = []
     try:
         with torch.no_grad():
-            for it in tqdm(items, desc=f"eval ({protocol})", disable=not progress):
-                image, gt = it.load()
-                if not gt.any():
-                    continue
-                predictor.set_image(image, modality=it.intensity, window=it.window)
-                masks, _, _ = predictor.predict(**gt_prompt(gt, protocol), multimask_output=False)
-                pred = masks[0]
-                m = case_metrics(pred, gt, it.spacing, nsd_tolerance_mm)
-                box = box_mask(gt.shape, box_from_mask(gt))
-                b = case_metrics(box, gt, it.spacing, nsd_tolerance_mm)
-                rows.append(
-                    CaseRow(it.sample_id, it.case_id, it.task, it.label,
-                            m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95)
-                )  # fmt: skip
-                preds.append(pred)
+            mine = range(rank, len(items), world)
+            desc = f"eval ({cfg.prompt})"
+            for i in tqdm(mine, desc=desc, disable=not progress or rank != 0):
+                out = evaluate_item(predictor, items[i], cfg)
+                if out is not None:
+                    local.append((i, out[0], _pack(out[1])))
     finally:
-        model.train(was_training)
-    return rows, preds
+        for module, training in flags.items():
+            module.training = training
+    merged = sorted(_gather(local, world), key=lambda r: r[0])
+    return [r for _, r, _ in merged], [_unpack(p) for _, _, p in merged]
+
+
+def _mean(values) -> float:
+    v = np.asarray(list(values), dtype=float)
+    v = v[np.isfinite(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
+def aggregate(rows: list[CaseRow]) -> dict:
+    """Nan-ignoring means of one group: n, dice, nsd, hd95 (mm), box_*; for box+clicks also the
+    mean per-click curve `click_dice` (K + 1 values) and the mean `dice_auc`."""
+    out: dict = {"n": len(rows)}
+    for key in METRICS:
+        out[key] = _mean(getattr(r, key) for r in rows)
+    curves = [r.click_dice for r in rows if r.click_dice]
+    if curves:
+        k = max(len(c) for c in curves)
+        padded = np.array([c + [c[-1]] * (k - len(c)) for c in curves], dtype=float)
+        out["click_dice"] = [float(v) for v in padded.mean(axis=0)]
+        out["dice_auc"] = _mean(r.dice_auc for r in rows)
+    return out
 
 
 def summarize(rows: list[CaseRow]) -> dict:
-    """Mean metrics overall and per task (nan-aware), for the model and the box baseline."""
+    """{"overall": group, "per_task": {task: group}, "per_modality": {modality: group}}, each
+    group as `aggregate` makes it, for the model and the box baseline."""
 
-    def agg(rs: list[CaseRow]) -> dict:
-        out = {"n": len(rs)}
-        for key in ("dice", "nsd", "hd95", "box_dice", "box_nsd", "box_hd95"):
-            vals = np.array([getattr(r, key) for r in rs], dtype=float)
-            out[key] = float(np.nanmean(vals)) if np.isfinite(vals).any() else float("nan")
-        return out
+    def by(key: str) -> dict:
+        names = sorted({getattr(r, key) for r in rows})
+        return {n: aggregate([r for r in rows if getattr(r, key) == n]) for n in names}
 
-    tasks = sorted({r.task for r in rows})
-    return {
-        "overall": agg(rows),
-        "per_task": {t: agg([r for r in rows if r.task == t]) for t in tasks},
-    }
+    return {"overall": aggregate(rows), "per_task": by("task"), "per_modality": by("modality")}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.8g}"
+    if isinstance(value, list):
+        return ";".join(f"{v:.8g}" for v in value)
+    return str(value)
 
 
 def write_csv(rows: list[CaseRow], path) -> None:
+    """One line per row, atomically; floats to 8 significant digits, click_dice as "d0;d1;..."."""
     import csv
     import io
 
     from samed2_kit.utils.atomic import write_text
 
     buf = io.StringIO()
-    fields = list(CaseRow.__dataclass_fields__)
-    w = csv.DictWriter(buf, fieldnames=fields)
+    w = csv.DictWriter(buf, fieldnames=[f.name for f in fields(CaseRow)])
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in asdict(r).items()})
+        w.writerow({k: _cell(v) for k, v in asdict(r).items()})
     write_text(path, buf.getvalue())
+
+
+def read_csv(path) -> list[CaseRow]:
+    """Rows written by `write_csv`."""
+    import csv
+
+    floats = set(METRICS) | {"dice_auc"}
+    out = []
+    with open(path, newline="") as f:
+        for rec in csv.DictReader(f):
+            kw: dict = {k: float(v) if k in floats else v for k, v in rec.items()}
+            cd = rec["click_dice"]
+            kw["click_dice"] = [float(v) for v in cd.split(";")] if cd else []
+            out.append(CaseRow(**kw))
+    return out

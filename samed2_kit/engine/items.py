@@ -13,7 +13,8 @@ import numpy as np
 
 @dataclass
 class EvalItem:
-    """`load()` -> (image (H, W) or (H, W, 3), mask (H, W) bool); spacing (row, col) in mm."""
+    """`load()` -> (image (H, W) or (H, W, 3), mask (H, W) bool); spacing (row, col) in mm;
+    `modality` as the store names it ("ct", "mr", "us", ...): it picks the NSD tolerance."""
 
     sample_id: str
     case_id: str
@@ -23,6 +24,7 @@ class EvalItem:
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
     intensity: str = "2d"
     window: tuple[float, float] | None = None
+    modality: str = "unknown"
 
 
 def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[EvalItem]:
@@ -36,9 +38,9 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
         if r["split"] == split and r["mask_area"] > 0 and (tasks is None or r["task"] in tasks)
     ]  # fmt: skip
     if not rows:
-        raise ValueError(f"store {store} has no non-empty samples in split {split!r}")
+        raise ValueError(_no_items_message(store, split, tasks, cols))
     meta = samples.select(rows).select_columns(
-        ["image_row", "case_id", "task", "label", "slice_index", "spacing"]
+        ["image_row", "case_id", "task", "label", "slice_index", "spacing", "modality"]
     )
 
     def loader(sample_row: int, image_row: int):
@@ -55,6 +57,23 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
         sid = f"{m['case_id']}#{m['label']}@{m['slice_index']}/{row}"
         out.append(
             EvalItem(sid, m["case_id"], m["task"], m["label"], tuple(m["spacing"][1:]),
-                     loader(row, m["image_row"]))
+                     loader(row, m["image_row"]), modality=m["modality"])
         )  # fmt: skip
     return out
+
+
+def _no_items_message(store: str, split: str, tasks: list[str] | None, cols) -> str:
+    """Why a split gave no items: it is absent (name those present) or holds none of `tasks`."""
+    splits = sorted(set(cols["split"]))
+    if split not in splits:
+        return (
+            f"store {store} has no split {split!r}; its splits are {', '.join(splits)} "
+            "(choose one of them)"
+        )
+    found = sorted({t for s, t in zip(cols["split"], cols["task"], strict=True) if s == split})
+    if tasks is None:
+        return f"store {store}: every mask in split {split!r} is empty (tasks {', '.join(found)})"
+    return (
+        f"store {store} has no non-empty samples of tasks {tasks} in split {split!r}; "
+        f"that split holds tasks {', '.join(found)} (set data.tasks accordingly)"
+    )

@@ -16,11 +16,13 @@ def _figure():
     return plt
 
 
-def plot_curve(history, path: Path) -> None:
-    """Loss per step (thin) and its moving average (thick), written to `path` (PNG)."""
+def plot_curve(log: list[dict], path: Path) -> None:
+    """Loss per step (thin) and its moving average (thick) from train_log.jsonl entries
+    ({"step", "loss"}), written to `path` (PNG)."""
     plt = _figure()
-    steps = np.array([h.step for h in history])
-    loss = np.array([h.loss for h in history])
+    entries = [e for e in log if "loss" in e]
+    steps = np.array([e["step"] for e in entries])
+    loss = np.array([e["loss"] for e in entries])
     k = max(1, len(loss) // 20)
     smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -29,7 +31,22 @@ def plot_curve(history, path: Path) -> None:
     ax.set(xlabel="optimizer step", ylabel="training loss", title="Training loss")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def plot_validation(entries: list[dict], path: Path) -> None:
+    """Validation Dice per task against the step, from train_log.jsonl's {"step", "val"} entries."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    names = sorted({k for e in entries for k in e["val"]})
+    for name in names:
+        pts = [(e["step"], e["val"][name]) for e in entries if name in e["val"]]
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=name.removeprefix("dice/"))
+    ax.set(xlabel="optimizer step", ylabel="validation Dice", title="Validation Dice per task")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -54,7 +71,27 @@ def plot_overlays(items, rows, preds, path: Path, n: int = 3) -> None:
         ax.axis("off")
     fig.suptitle("held-out cases, best and worst: ground truth green, prediction red", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def plot_click_curve(summary: dict, path: Path) -> None:
+    """Mean Dice after the box (click 0) and after each corrective click, one line per task (and
+    the overall mean, dashed, for several tasks), from `evaluate.summarize` of a box+clicks run;
+    written to `path` as PNG."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    groups = [(t, s, "-") for t, s in summary["per_task"].items()]
+    if len(groups) > 1:
+        groups.append(("all", summary["overall"], "--"))
+    for name, s, style in groups:
+        curve = s.get("click_dice") or []
+        ax.plot(range(len(curve)), curve, style, marker="o", ms=3, label=f"{name} (n={s['n']})")
+    ax.set(xlabel="corrective clicks after the box", ylabel="mean Dice", title="Dice per click")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
     plt.close(fig)
 
 
@@ -62,34 +99,67 @@ def _fmt(v: float) -> str:
     return "n/a" if not np.isfinite(v) else f"{v:.3f}"
 
 
-def markdown(summary: dict, info: dict) -> str:
-    """The report text: setup, metrics table (model vs box baseline) per task, and the plots."""
+def metrics_table(groups: dict[str, dict], first: str = "task") -> list[str]:
+    """Markdown table lines, one row per group of `evaluate.summarize`; with Dice AUC and the
+    final Dice for box+clicks groups (those with a `click_dice` curve)."""
+    clicks = any("click_dice" in s for s in groups.values())
+    head = f"| {first} | n | " + ("Dice AUC | final Dice" if clicks else "Dice")
+    head += " | box Dice | NSD | box NSD | HD95 mm | box HD95 mm |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+    for name, s in groups.items():
+        auc = f"{_fmt(s.get('dice_auc', float('nan')))} | " if clicks else ""
+        lines.append(
+            f"| {name} | {s['n']} | {auc}{_fmt(s['dice'])} | {_fmt(s['box_dice'])} | "
+            f"{_fmt(s['nsd'])} | {_fmt(s['box_nsd'])} | {_fmt(s['hd95'])} | {_fmt(s['box_hd95'])} |"
+        )
+    return lines
+
+
+PROTOCOL_TEXT = {
+    "box": "box: the tight ground-truth box",
+    "point": "point: one positive click at the mask pixel farthest from its border",
+    "box+clicks": "box+clicks: the tight box, then up to {k} corrective clicks, each at the "
+    "centre of the largest error region; Dice AUC = area under Dice vs click 0..{k}, "
+    "divided by {k}",
+}
+
+
+def protocol_text(protocol: str, clicks: int | None = None) -> str:
+    """One line describing the prompt protocol (K corrective clicks for box+clicks)."""
+    return PROTOCOL_TEXT.get(protocol, protocol).format(k="K" if clicks is None else clicks)
+
+
+def markdown(
+    summary: dict, info: dict, click_curve: str | None = None, validation: list | None = None
+) -> str:
+    """The run report text: setup, metrics table (model vs box baseline) per task, the plots.
+    `info` keys are listed as set-up lines (`eval_prompt`, `eval_clicks` name the protocol);
+    `click_curve`: file name of `plot_click_curve`'s PNG, shown when given; `validation`: the
+    log's validation entries (the last one is tabulated, val_dice.png is shown)."""
+    protocol = info.get("eval_prompt", "box")
     lines = [f"# Run report: {info.get('name', 'run')}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "name"]
     lines += [
         "",
-        "## Held-out metrics (prompt protocol: " + info.get("eval_prompt", "box") + ")",
+        f"## Held-out metrics (prompt protocol: {protocol})",
         "",
+        f"Protocol {protocol_text(protocol, info.get('eval_clicks'))}.",
         "Box baseline = the prompt box filled as the mask. NSD at the stated tolerance; HD95 in mm.",
         "",
-        "| task | n | Dice | box Dice | NSD | box NSD | HD95 mm | box HD95 mm |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    groups = {**summary["per_task"], "**all**": summary["overall"]}
-    for name, s in groups.items():
-        lines.append(
-            f"| {name} | {s['n']} | {_fmt(s['dice'])} | {_fmt(s['box_dice'])} | {_fmt(s['nsd'])} | "
-            f"{_fmt(s['box_nsd'])} | {_fmt(s['hd95'])} | {_fmt(s['box_hd95'])} |"
-        )
+    lines += metrics_table({**summary["per_task"], "**all**": summary["overall"]})
     o = summary["overall"]
+    lines += ["", f"Dice gain over the box baseline: {o['dice'] - o['box_dice']:+.3f}", ""]
+    if click_curve:
+        lines += ["## Dice per corrective click", "", f"![Dice per click]({click_curve})", ""]
+    lines += ["## Training curve", "", "![training loss](training_curve.png)", ""]
+    if validation:
+        last = validation[-1]
+        lines += [f"## Validation during training (last: step {last['step']})", "",
+                  "| task | Dice |", "| --- | --- |"]  # fmt: skip
+        lines += [f"| {k.removeprefix('dice/')} | {_fmt(v)} |" for k, v in last["val"].items()]
+        lines += ["", "![validation Dice](val_dice.png)", ""]
     lines += [
-        "",
-        f"Dice gain over the box baseline: {o['dice'] - o['box_dice']:+.3f}",
-        "",
-        "## Training curve",
-        "",
-        "![training loss](training_curve.png)",
-        "",
         "## Best and worst held-out cases",
         "",
         "![overlays](overlays.png)",
@@ -97,4 +167,82 @@ def markdown(summary: dict, info: dict) -> str:
         "Per-case values: `per_case.csv`; all numbers: `metrics.json`.",
         "",
     ]
+    return "\n".join(lines)
+
+
+def eval_markdown(summary: dict, info: dict, click_curve: str | None = None) -> str:
+    """`samed2 eval`'s summary: set-up lines from `info` (`protocol`, `clicks` among them), tables
+    per task and per modality, the click curve when given."""
+    protocol = info.get("protocol", "box")
+    lines = [f"# Evaluation: {info.get('name', 'model')}", ""]
+    lines += [f"- {k}: {v}" for k, v in info.items() if k != "name"]
+    lines += [
+        "",
+        f"Protocol {protocol_text(protocol, info.get('clicks'))}. Box baseline = the prompt box "
+        "filled as the mask. NSD at the tolerance of each modality; HD95 in mm.",
+        "",
+        "## Per task",
+        "",
+    ]
+    lines += metrics_table({**summary["per_task"], "**all**": summary["overall"]})
+    lines += ["", "## Per modality", ""]
+    lines += metrics_table(summary["per_modality"], first="modality")
+    if click_curve:
+        lines += ["", "## Dice per corrective click", "", f"![Dice per click]({click_curve})"]
+    lines += ["", "Per-case values: `per_case.csv`; all numbers: `summary.json`.", ""]
+    return "\n".join(lines)
+
+
+def write_eval(out_dir: Path, rows: list, summary: dict, info: dict) -> list[Path]:
+    """`samed2 eval`'s folder: per_case.csv, summary.json ({"info", "overall", "per_task",
+    "per_modality"}), summary.md and, for box+clicks, click_curve.png; each file atomically.
+    Returns the files written."""
+    import json
+
+    from samed2_kit.engine.evaluate import write_csv
+    from samed2_kit.utils.atomic import atomic_path, write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "per_case.csv", out_dir / "summary.json", out_dir / "summary.md"]
+    write_csv(rows, written[0])
+    write_text(written[1], json.dumps({"info": info, **summary}, indent=2, default=str) + "\n")
+    curve = "click_curve.png" if "click_dice" in summary["overall"] else None
+    write_text(written[2], eval_markdown(summary, info, curve))
+    if curve:
+        with atomic_path(out_dir / curve) as tmp:
+            plot_click_curve(summary, tmp)
+        written.append(out_dir / curve)
+    return written
+
+
+def continual_markdown(result: dict, recipe, store: str) -> str:
+    """The continual run's report: stages, the Dice matrix, forgetting and gain per stage."""
+    stages = recipe.continual.stages
+    names = [st.name for st in stages]
+    lines = ["# Continual training report", "",
+             f"- model: {recipe.model.variant} at {recipe.model.image_size} px; store {store}",
+             f"- evaluation: {protocol_text(recipe.eval.prompt, recipe.eval.clicks)}, split "
+             f"{recipe.eval.split}", ""]  # fmt: skip
+    for i, st in enumerate(stages):
+        replay = st.replay if recipe.continual.replay is None else recipe.continual.replay
+        lines.append(f"- stage {i + 1} `{st.name}`: tasks {', '.join(st.tasks)}; {st.steps} "
+                     f"steps; replays {replay} earlier examples")  # fmt: skip
+    lines += ["", "## Held-out Dice after each stage (rows) on each stage's tasks (columns)", "",
+              "| after | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]  # fmt: skip
+    for row in result["matrix"]:
+        lines.append(
+            f"| {row['after']} | " + " | ".join(_fmt(row["dice"][n]) for n in names) + " |"
+        )
+    lines += ["", "## Forgetting and gain", "",
+              "Gain = Dice after the stage - Dice before it; forgetting = Dice after the stage - "
+              "Dice after the last stage (positive: lost).", "",
+              "| stage | before | after own stage | at the end | gain | forgetting |",
+              "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for name, f in result["forgetting"].items():
+        lines.append(
+            f"| {name} | {_fmt(f['dice_before'])} | {_fmt(f['dice_after_own_stage'])} | "
+            f"{_fmt(f['dice_at_end'])} | {f['gain']:+.3f} | {f['forgetting']:+.3f} |"
+        )
+    lines += ["", "Per-stage training logs, validation and checkpoints: `stage-*/`.", ""]
     return "\n".join(lines)

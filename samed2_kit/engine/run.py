@@ -1,13 +1,18 @@
 """A whole run from a recipe: store (built by case split) -> train -> save -> evaluate -> report.
 
-The run folder, written atomically (a failed run leaves no half-written folder):
-
     out_dir-store/                    the medbank store the recipe's spec built (reused if unchanged)
     out_dir/
+      run.json                        the recipe, written when the run starts
+      checkpoints/step-NNNNNN/        every train.save_every steps, the newest train.keep_last
+      train_log.jsonl                 loss, lr, samples/s per step; validation Dice per task
+      tensorboard/                    event files (`tensorboard --logdir out_dir`)
       model.safetensors, model.json   trained weights (sam2 key names) + variant/size/recipe
-      metrics.json                    summary per task and overall, model and box baseline
+      metrics.json                    summary per task, modality and overall, model and box baseline
       per_case.csv                    one row per held-out sample
-      training_curve.png, overlays.png, report.md
+      training_curve.png, val_dice.png, overlays.png, report.md
+
+Each file is written atomically (temp + rename). A run killed mid-way leaves its checkpoints, and
+`--resume` continues it exactly; the final files appear only when it completes.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,63 +55,123 @@ def prepare_store(recipe: Recipe, out_dir: Path) -> str:
     return str(store)
 
 
-def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Train and evaluate as the recipe says; returns the metrics summary."""
+RUN_JSON = "run.json"
+
+
+def open_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check (and on `overwrite`, clear) the run folder before a run; main process only."""
+    from samed2_kit.engine.state import checkpoint_dirs
+
+    has_files = out_dir.is_dir() and any(out_dir.iterdir())
+    if resume:
+        if not checkpoint_dirs(out_dir):
+            raise ValueError(
+                f"--resume: {out_dir} has no checkpoints (checkpoints/step-*); set "
+                "train.save_every=N to write them, or start without --resume"
+            )
+        return
+    if has_files and not overwrite:
+        what = "checkpoints of a run" if checkpoint_dirs(out_dir) else "files"
+        raise ValueError(
+            f"run folder {out_dir} already holds {what}: pass --resume to continue it, "
+            "--overwrite to replace it, or --out to write elsewhere"
+        )
+    if has_files:
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def validation(recipe: Recipe, store: str, tasks: list[str] | None):
+    """A `validate(model) -> {"dice/<task>": value}` for the training loop (None when off)."""
+    import dataclasses
+
+    from samed2_kit.engine import evaluate as ev
+    from samed2_kit.engine.items import items_from_store
+
+    t = recipe.train
+    if not t.val_every:
+        return None
+    items = items_from_store(store, t.val_split, tasks)  # a clear error when the split is absent
+    prompt = "box" if recipe.eval.prompt == "box+clicks" else recipe.eval.prompt
+    cfg = dataclasses.replace(recipe.eval, prompt=prompt, split=t.val_split,
+                              max_items=t.val_max_items or None)  # fmt: skip
+
+    def validate(model) -> dict[str, float]:
+        rows, _ = ev.evaluate(model, items, cfg, progress=False)
+        per_task = ev.summarize(rows)["per_task"]
+        return {f"dice/{task}": s["dice"] for task, s in per_task.items()}
+
+    return validate
+
+
+def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) -> dict:
+    """The run's setup in words, for metrics.json and the report."""
+    m, t = recipe.model, recipe.train
+    return {
+        "name": name,
+        "model": f"{m.variant} at {m.image_size} px"
+        + (f", from {m.checkpoint}" if m.checkpoint else ", random init"),
+        "training": f"{t.steps} steps x batch {t.batch_size} x {accel.num_processes} process(es)"
+        f" x {t.grad_accum} accumulation, mode {t.mode}, {result.trainable_params:,} trainable "
+        f"parameters, precision {result.mixed_precision}, {result.seconds:.0f} s for "
+        f"{result.steps_run} steps on {accel.device} "
+        f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+        "data": f"store {store}: {result.train_samples} training samples "
+        f"(split {recipe.data.train_split}), {n_eval} held-out (split {recipe.eval.split})",
+        "eval_prompt": recipe.eval.prompt,
+        "eval_clicks": recipe.eval.clicks,
+        "nsd_tolerance_mm": recipe.eval.nsd_tolerance_mm,
+    }
+
+
+def run_recipe(
+    recipe: Recipe,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Train and evaluate as the recipe says; returns the metrics summary ({} on other ranks)."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     from samed2_kit.engine import evaluate as ev
-    from samed2_kit.engine import report
-    from samed2_kit.engine.checkpoint import save_model
     from samed2_kit.engine.items import items_from_store
     from samed2_kit.engine.train import inject_adapters, train
     from samed2_kit.model.build import build_model
-    from samed2_kit.utils.atomic import atomic_path, write_text
+    from samed2_kit.utils.atomic import write_text
 
     out_dir = Path(out_dir or recipe.out_dir)
-    # the main process builds the store, the others then reuse it. PartialState does not read
-    # ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU ranks would not see each other
+    # the main process prepares folder and store, the others then reuse them. PartialState does
+    # not read ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU ranks would not
+    # see each other
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     with state.main_process_first():
+        if state.is_main_process:
+            open_run_dir(out_dir, resume, overwrite)
         store = prepare_store(recipe, out_dir)
+    if state.is_main_process and not resume:
+        write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
+    # fail before training, not after it, when a split is missing
     eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
+    validate = validation(recipe, store, recipe.data.tasks)
 
     m = recipe.model
     torch.manual_seed(recipe.train.seed)  # the random init (and any unloaded weights) by seed
     model = build_model(m.variant, m.checkpoint, m.image_size)
     inject_adapters(model, recipe)
-    model, result, accel = train(recipe, model, store, progress=progress)
-    if not accel.is_main_process:
-        accel.end_training()
-        return {}
-    rows, preds = ev.evaluate(
-        model, eval_items, recipe.eval.prompt, recipe.eval.nsd_tolerance_mm, progress
+    model, result, accel = train(
+        recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
     )
+    rows, preds = ev.evaluate(model, eval_items, recipe.eval, progress and accel.is_main_process)
     summary = ev.summarize(rows)
-    info = {
-        "name": out_dir.name,
-        "model": f"{m.variant} at {m.image_size} px"
-        + (f", from {m.checkpoint}" if m.checkpoint else ", random init"),
-        "training": f"{recipe.train.steps} steps x batch {recipe.train.batch_size}, mode "
-        f"{recipe.train.mode}, {result.trainable_params:,} trainable parameters, "
-        f"precision {result.mixed_precision}, {result.seconds:.0f} s on {accel.device} "
-        f"x {accel.num_processes} process(es) "
-        f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
-        "data": f"store {store}: {result.train_samples} training samples "
-        f"(split {recipe.data.train_split}), {len(eval_items)} held-out (split {recipe.eval.split})",
-        "eval_prompt": recipe.eval.prompt,
-        "nsd_tolerance_mm": recipe.eval.nsd_tolerance_mm,
-    }
-    metrics = {"summary": summary, "info": info, "train_seconds": result.seconds,
-               "final_loss": result.history[-1].loss, "recipe": to_dict(recipe)}  # fmt: skip
-    with atomic_path(out_dir, directory=True) as tmp:
-        save_model(model, tmp, {"recipe": to_dict(recipe)})
-        ev.write_csv(rows, tmp / "per_case.csv")
-        write_text(tmp / "metrics.json", json.dumps(metrics, indent=2, default=str))
-        report.plot_curve(result.history, tmp / "training_curve.png")
-        report.plot_overlays(eval_items, rows, preds, tmp / "overlays.png")
-        write_text(tmp / "report.md", report.markdown(summary, info))
+    if accel.is_main_process:
+        info = describe(recipe, result, accel, store, len(eval_items), out_dir.name)
+        write_outputs(out_dir, model, recipe, summary, info, result, (eval_items, rows, preds))
+    accel.wait_for_everyone()
     accel.end_training()
+    if not accel.is_main_process:
+        return {}
     o = summary["overall"]
     print(
         f"[samed2] held-out Dice {o['dice']:.3f} vs box baseline {o['box_dice']:.3f} "
@@ -113,3 +179,36 @@ def run_recipe(recipe: Recipe, out_dir: str | Path | None = None, progress: bool
         f"n={o['n']}\n[samed2] run folder: {out_dir}  (report: {out_dir / 'report.md'})"
     )
     return summary
+
+
+def write_outputs(out_dir: Path, model, recipe, summary, info, result, evaluated) -> None:
+    """Final weights, per-case CSV, metrics.json, plots and report.md (each file atomic)."""
+    from samed2_kit.engine import evaluate as ev
+    from samed2_kit.engine import report
+    from samed2_kit.engine.checkpoint import save_model
+    from samed2_kit.engine.train import read_log
+    from samed2_kit.utils.atomic import atomic_path, write_text
+
+    items, rows, preds = evaluated
+    log = read_log(out_dir) or [
+        {"step": h.step, "loss": h.loss} for h in result.history
+    ]  # fmt: skip
+    save_model(model, out_dir, {"recipe": to_dict(recipe)})
+    ev.write_csv(rows, out_dir / "per_case.csv")
+    final = [e for e in log if "loss" in e]
+    metrics = {"summary": summary, "info": info, "train_seconds": result.seconds,
+               "final_loss": final[-1]["loss"] if final else None,
+               "validation": [e for e in log if "val" in e], "recipe": to_dict(recipe)}  # fmt: skip
+    write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    plots = {"training_curve.png": lambda p: report.plot_curve(log, p),
+             "overlays.png": lambda p: report.plot_overlays(items, rows, preds, p)}  # fmt: skip
+    if metrics["validation"]:
+        plots["val_dice.png"] = lambda p: report.plot_validation(metrics["validation"], p)
+    if "click_dice" in summary["overall"]:
+        plots["click_curve.png"] = lambda p: report.plot_click_curve(summary, p)
+    for name, draw in plots.items():
+        with atomic_path(out_dir / name) as tmp:
+            draw(tmp)
+    curve = "click_curve.png" if "click_curve.png" in plots else None
+    text = report.markdown(summary, info, curve, metrics["validation"])
+    write_text(out_dir / "report.md", text)

@@ -1,19 +1,25 @@
 """The training loop on Hugging Face Accelerate (one CPU, one GPU or many: the same code).
 
 AdamW, cosine schedule with linear warm-up, bf16 autocast where the device has it, gradient
-accumulation and clipping, seeded data order and prompts, a progress bar with loss and samples/s.
+accumulation and clipping, a seeded data order defined on global batches (`engine.data`), a
+progress bar (loss, samples/s, ETA), TensorBoard through Accelerate's tracker, a JSON-lines step
+log, validation every N steps, and checkpoints every N steps from which `resume=True` continues
+exactly (`engine.state`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from samed2_kit.config import Recipe
+from samed2_kit.config import Recipe, to_dict
 
 
 @dataclass
@@ -32,6 +38,8 @@ class TrainResult:
     trainable_params: int = 0
     mixed_precision: str = "no"
     train_samples: int = 0
+    steps_run: int = 0  # optimizer steps this call ran (fewer than train.steps after a resume)
+    log: list[dict] = field(default_factory=list)  # train_log.jsonl entries, incl. validation
 
 
 def apply_train_mode(model, mode: str) -> int:
@@ -108,107 +116,246 @@ def batch_prompts(batch: dict, mode: str):
     return Prompts(points=points, point_labels=labels, boxes=boxes)
 
 
-def make_loader(recipe: Recipe, store: str, seed: int):
-    """StoreDataset over the recipe's training split + a seeded, shuffling DataLoader."""
-    from samed2_kit.medbank.dataset import StoreDataset, collate_clips
+# recipe keys a resumed run may change: they alter neither the weights so far nor the data order
+RESUMABLE_CHANGES = {
+    "train": ("steps", "save_every", "keep_last", "log_every", "val_every", "tensorboard"),
+    "data": ("num_workers", "spec", "store"),
+}
+LOG = "train_log.jsonl"
 
-    d = recipe.data
-    ds = StoreDataset(
-        store,
-        split=d.train_split,
-        clip_len=d.clip_len,
-        image_size=recipe.model.image_size,
-        prompt=d.prompt,
-        seed=seed,
-        augment=d.augment,
-        tasks=d.tasks,
-    )
-    if len(ds) < recipe.train.batch_size:
+
+def resume_key(recipe: Recipe) -> dict:
+    """The parts of a recipe a checkpoint is bound to (eval and `RESUMABLE_CHANGES` left out)."""
+    d = to_dict(recipe)
+    d.pop("eval", None)
+    d.pop("out_dir", None)
+    for section, keys in RESUMABLE_CHANGES.items():
+        for k in keys:
+            d[section].pop(k, None)
+    return d
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [x for k in sorted(set(a) | set(b))
+                for x in _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]  # fmt: skip
+    return [] if a == b else [f"{prefix}: {b!r} in the checkpoint, {a!r} now"]
+
+
+def check_resume(meta: dict, want: dict, folder) -> None:
+    """A clear error when a checkpoint was written by another recipe, model or launch."""
+    problems = _diff(want["recipe"], meta.get("recipe", {}))
+    for key, what in (("frozen_sha256", "the frozen (not trained) weights"),
+                      ("world", "the number of processes"), ("samples", "the training data")):  # fmt: skip
+        if meta.get(key) != want[key]:
+            problems.append(f"{what}: {meta.get(key)!r} in the checkpoint, {want[key]!r} now")
+    if problems:
         raise ValueError(
-            f"the training split has {len(ds)} samples, fewer than train.batch_size="
-            f"{recipe.train.batch_size}: lower the batch size or add data"
+            f"cannot resume from {folder}: it was written by a different run. "
+            + "; ".join(problems[:6])
+            + ". Resume with the run's recipe and launch, or start a new run (another --out)"
         )
-    gen = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=recipe.train.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=gen,
-        collate_fn=collate_clips,
-        num_workers=d.num_workers,
-    )
-    return ds, loader
 
 
-def train(recipe: Recipe, model, store: str, accelerator=None, progress: bool = True):
-    """Train `model` (a SAMed2Model) on the training split of a medbank `store`; in place.
+class StepLogFile:
+    """`train_log.jsonl`: one JSON object per optimizer step (and per validation), flushed as
+    written, main process only. On resume, entries after the checkpoint's step are dropped."""
 
-    Returns a TrainResult with the per-step loss history.
+    def __init__(self, path, keep_until: int | None) -> None:
+        from samed2_kit.utils.atomic import write_text
+
+        self.path = path
+        lines = []
+        if keep_until is not None and path.is_file():
+            lines = [ln for ln in path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln)["step"] <= keep_until]  # fmt: skip
+        write_text(path, "".join(ln + "\n" for ln in lines))
+        self.entries = [json.loads(ln) for ln in lines]
+        self.f = open(path, "a")  # noqa: SIM115 (closed in close())
+
+    def write(self, entry: dict) -> None:
+        self.entries.append(entry)
+        self.f.write(json.dumps(entry) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def read_log(run_dir) -> list[dict]:
+    """Entries of a run's train_log.jsonl ([] when absent)."""
+    from pathlib import Path
+
+    path = Path(run_dir) / LOG
+    if not path.is_file():
+        return []
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _datasets(recipe: Recipe, data) -> list:
+    from samed2_kit.engine.data import store_dataset
+
+    if isinstance(data, str | bytes) or hasattr(data, "__fspath__"):
+        return [store_dataset(recipe, str(data), recipe.data.tasks, recipe.train.seed)]
+    return list(data)
+
+
+def train(
+    recipe: Recipe,
+    model,
+    data,
+    run_dir=None,
+    *,
+    resume: bool = False,
+    validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+    progress: bool = True,
+):
+    """Train `model` (a SAMed2Model) in place; returns (model, TrainResult, accelerator).
+
+    Args:
+        data: a medbank store folder (its `data.train_split`, `data.tasks`), or a list of datasets
+            with `set_epoch` (e.g. StoreDatasets: new task + replayed examples), concatenated.
+        run_dir: where checkpoints (`train.save_every`, last `train.keep_last`), the step log and
+            TensorBoard events go; None: nothing is written.
+        resume: continue from the newest checkpoint in `run_dir` (exactly: same losses as an
+            uninterrupted run), after checking it was written by this recipe, model and launch.
+        validate: called on every rank every `train.val_every` steps and at the end with the
+            unwrapped model; returns {name: value} to log (e.g. validation Dice per task).
     """
+    from pathlib import Path
+
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
     from tqdm.auto import tqdm
 
+    from samed2_kit.engine import state as ckpt
+    from samed2_kit.engine.data import EpochIndexed, make_loader, to_device
     from samed2_kit.losses import SegLoss
 
     cfg = recipe.train
+    run_dir = Path(run_dir) if run_dir is not None else None
     mp = resolve_mixed_precision(cfg.mixed_precision)
-    if accelerator is None:
-        accelerator = Accelerator(
-            mixed_precision=mp,
-            gradient_accumulation_steps=cfg.grad_accum,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+    tb = run_dir is not None and cfg.tensorboard
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if tb else None,
+        project_dir=str(run_dir) if tb else None,
+    )
+    main, world = accelerator.is_main_process, accelerator.num_processes
     set_seed(cfg.seed)
     groups, n_trainable = param_groups(model, cfg)
-    ds, loader = make_loader(recipe, store, cfg.seed)
+    dataset = EpochIndexed(_datasets(recipe, data))
     params = [p for g in groups for p in g["params"]]
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = cosine_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    model, opt, loader, sched = accelerator.prepare(model, opt, loader, sched)
+    want = {"recipe": resume_key(recipe), "frozen_sha256": ckpt.frozen_sha256(model),
+            "world": world, "samples": len(dataset)}  # fmt: skip
+    model, opt = accelerator.prepare(model, opt)
+    raw = accelerator.unwrap_model(model)
+
+    pos = ckpt.Position()
+    if resume:
+        found = ckpt.checkpoint_dirs(run_dir) if run_dir else []
+        if not found:
+            raise ValueError(f"nothing to resume: {run_dir} has no checkpoints/step-* folder")
+        meta = ckpt.read_state(found[-1])["meta"]
+        check_resume(meta, want, found[-1])
+        pos, _, _ = ckpt.load(found[-1], raw, opt, sched, accelerator.process_index)
+        # the LR at this step from *this* schedule (train.steps may have been raised): the same
+        # value as saved when it was not
+        for g, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            g["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
+        if main:
+            print(f"[samed2] resumed from {found[-1]} (step {pos.step})")
+    log = StepLogFile(run_dir / LOG, pos.step if resume else None) if run_dir and main else None
+    if tb:
+        accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
+    loader = make_loader(dataset, recipe, accelerator.process_index, world, pos.consumed)
+    batches = iter(loader)
     loss_fn = SegLoss(recipe.loss)
     model.train()
 
-    result = TrainResult(trainable_params=n_trainable, mixed_precision=mp, train_samples=len(ds))
-    bar = tqdm(
-        total=cfg.steps, desc="train", disable=not (progress and accelerator.is_main_process)
+    result = TrainResult(
+        trainable_params=n_trainable, mixed_precision=mp, train_samples=len(dataset)
     )
-    step, epoch, t0 = 0, 0, time.perf_counter()
-    seen, t_last = 0, t0
-    while step < cfg.steps:
-        ds.set_epoch(epoch)
-        for batch in loader:
-            with accelerator.accumulate(model):
-                out = model(
-                    batch["image"], batch_prompts(batch, recipe.data.prompt.mode), cfg.multimask
-                )
+    bar = tqdm(total=cfg.steps, initial=pos.step, desc="train", disable=not (progress and main))
+    t0 = t_last = time.perf_counter()
+    seen, start_step = 0, pos.step
+    while pos.step < cfg.steps:
+        total = torch.zeros((), device=accelerator.device)
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(batches), accelerator.device)
+            sync = micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                prompts = batch_prompts(batch, recipe.data.prompt.mode)
+                out = model(batch["image"], prompts, cfg.multimask)
                 loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"])
-                accelerator.backward(loss.total)
-                if accelerator.sync_gradients and cfg.clip_grad > 0:
-                    accelerator.clip_grad_norm_(params, cfg.clip_grad)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            seen += len(batch["image"]) * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            now = time.perf_counter()
-            sps = seen / max(now - t_last, 1e-9)
-            seen, t_last = 0, now
-            result.history.append(
-                StepLog(step, float(loss.total.detach()), loss.parts, sched.get_last_lr()[0], sps)
-            )
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                recent = result.history[-cfg.log_every :]
-                avg = sum(h.loss for h in recent) / len(recent)
-                bar.set_postfix(loss=f"{avg:.4f}", samples_s=f"{sps:.1f}")
-            if step >= cfg.steps:
-                break
-        epoch += 1
+                accelerator.backward(loss.total / cfg.grad_accum)
+            total += loss.total.detach() / cfg.grad_accum
+            pos.consumed += 1
+            seen += len(batch["image"]) * world
+        if cfg.clip_grad > 0:
+            accelerator.clip_grad_norm_(params, cfg.clip_grad)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        pos.step += 1
+        mean_loss = float(accelerator.reduce(total, "mean"))  # over processes: the global batch
+        now = time.perf_counter()
+        sps, seen, t_last = seen / max(now - t_last, 1e-9), 0, now
+        entry = StepLog(pos.step, mean_loss, loss.parts, lr, sps)
+        result.history.append(entry)
+        if log:
+            log.write(asdict(entry))
+        bar.update(1)
+        if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
+            recent = result.history[-cfg.log_every :]
+            avg = sum(h.loss for h in recent) / len(recent)
+            bar.set_postfix(loss=f"{avg:.4f}", samples_s=f"{sps:.1f}")
+            if tb:
+                accelerator.log({"train/loss": avg, "train/lr": lr, "train/samples_per_s": sps},
+                                step=pos.step)  # fmt: skip
+        last = pos.step == cfg.steps
+        # validation before the checkpoint: a checkpoint at step n implies its log is complete
+        if validate and cfg.val_every and (pos.step % cfg.val_every == 0 or last):
+            values = validate(raw)
+            model.train()
+            if log:
+                log.write({"step": pos.step, "val": values})
+            if tb:
+                accelerator.log({f"val/{k}": v for k, v in values.items()}, step=pos.step)
+        if run_dir and cfg.save_every and (pos.step % cfg.save_every == 0 or last):
+            rngs = gather_object([ckpt.rng_state()])
+            if main:
+                meta = {**want, "step": pos.step}
+                ckpt.save(run_dir, raw, opt, sched, pos, meta, rngs, keep_last=cfg.keep_last)
+            accelerator.wait_for_everyone()
     bar.close()
     result.seconds = time.perf_counter() - t0
+    result.steps_run = pos.step - start_step
+    if log:
+        result.log = log.entries
+        log.close()
+    for tracker in accelerator.trackers:
+        tracker.finish()
     accelerator.wait_for_everyone()
-    return accelerator.unwrap_model(model), result, accelerator
+    return raw, result, accelerator
+
+
+def _flat_config(recipe: Recipe) -> dict:
+    """Recipe as flat scalars for TensorBoard's hparams (lists/None as strings)."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict):
+                walk(v, key)
+            else:
+                out[key] = v if isinstance(v, int | float | str | bool) else str(v)
+
+    walk(to_dict(recipe), "")
+    return out

@@ -6,21 +6,52 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from safetensors.torch import load_file
 
-def test_two_cpu_processes(tmp_path):
-    accelerate = Path(sys.executable).parent / "accelerate"
-    out = tmp_path / "run"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "samed2_kit.cli",
-           "quickstart", "--out", str(out), "train.steps=3", "train.batch_size=2",
-           "train.warmup_steps=1"]  # fmt: skip
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+LAUNCH = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+          "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+SCRIPT = Path(__file__).with_name("ddp_train_script.py")
+
+
+def _run(cmd):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(hc18_store, tmp_path):
+    _run([*LAUNCH, str(SCRIPT), hc18_store, str(tmp_path / "ddp"), "1"])
+    _run([sys.executable, str(SCRIPT), hc18_store, str(tmp_path / "one"), "2"])
+    r0, r1 = (load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1))
+    one = load_file(str(tmp_path / "one" / "rank0.safetensors"))
+    # every rank holds the same parameters, bit for bit
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)
+    # and they equal a 1-process run on the same global batch (batch 2 vs 2 x 1), within float error
+    worst = max((r0[k].float() - one[k].float()).abs().max().item() for k in r0)
+    assert worst < 1e-4, worst
+    logs = [json.loads((tmp_path / d / "rank0.json").read_text()) for d in ("ddp", "one")]
+    assert logs[0]["world"] == 2 and logs[1]["world"] == 1
+    assert logs[0]["losses"] == pytest.approx(logs[1]["losses"], abs=1e-5)
+
+
+def test_quickstart_under_two_cpu_processes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [*LAUNCH, "-m", "samed2_kit.cli", "quickstart", "--out", str(out), "train.steps=3",
+           "train.batch_size=2", "train.warmup_steps=1", "train.save_every=2", "train.val_every=2"]  # fmt: skip
+    r = _run(cmd)
     # the main process built the store, the other reused it; only the main one wrote the run folder
     assert r.stdout.count("building store") == 1 and r.stdout.count("using store") == 1
     assert r.stdout.count("run folder:") == 1
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["summary"]["overall"]["n"] == 13
+    assert metrics["summary"]["overall"]["n"] == 13  # every held-out case once, not once per rank
     assert "x 2 process(es)" in metrics["info"]["training"]
+    assert [e["step"] for e in metrics["validation"]] == [2, 3]
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-000002", "step-000003"]
+    state = json.loads((out / "checkpoints" / "step-000003" / "state.json").read_text())
+    assert len(state["rng"]) == 2  # both ranks' RNG states
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run-store"]

@@ -31,5 +31,5 @@ def test_temporal_recipe_trains_saves_and_reloads(tmp_path):
     assert metrics["summary"]["per_task"].keys() == {"brain_tumour"}
     r = subprocess.run(SAMED2 + ["eval", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    again = json.loads(r.stdout)["overall"]["dice"]
+    again = json.loads((out / "eval-test-box" / "summary.json").read_text())["overall"]["dice"]
     assert again == pytest.approx(metrics["summary"]["overall"]["dice"], abs=1e-6)

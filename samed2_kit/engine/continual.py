@@ -1,0 +1,205 @@
+"""Continual training: stages (modality A, then B, ...) trained one after the other on one model.
+
+After every stage each stage's tasks are evaluated on the held-out split, giving the matrix
+Dice[after stage i][tasks of stage j]; the report states
+
+- forgetting on stage j = Dice after stage j - Dice after the last stage (on stage j's tasks),
+- gain on stage j = Dice after stage j - Dice before it (what the stage's training bought).
+
+A stage may replay `replay` stored training examples of the earlier stages' tasks (chosen with the
+recipe's seed, fixed for the stage), mixed into its own data.
+
+    out_dir/
+      run.json, report.md, continual.json (matrix, forgetting, gain), per_case.csv (last stage)
+      stage-1-<name>/   checkpoints/, train_log.jsonl, tensorboard/, weights.safetensors (the
+                        whole model after the stage), eval.json (the matrix row)
+      model.safetensors, model.json     the final model
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from samed2_kit.config import Recipe, StageConfig, to_dict
+
+STAGE_WEIGHTS = "weights.safetensors"
+STAGE_EVAL = "eval.json"
+
+
+class Replay(torch.utils.data.Dataset):
+    """A fixed subset of a dataset with `set_epoch` (the examples a later stage replays)."""
+
+    def __init__(self, base, indices: np.ndarray) -> None:
+        self.base, self.indices = base, [int(i) for i in indices]
+
+    @property
+    def epoch(self):
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[self.indices[i]]
+
+
+def stage_recipe(recipe: Recipe, stage: StageConfig) -> Recipe:
+    """The recipe one stage trains with: its tasks, steps and learning rate."""
+    train = dataclasses.replace(recipe.train, steps=stage.steps, lr=stage.lr or recipe.train.lr)
+    data = dataclasses.replace(recipe.data, tasks=list(stage.tasks))
+    return dataclasses.replace(recipe, train=train, data=data, continual=None)
+
+
+def stage_data(recipe: Recipe, store: str, index: int) -> list:
+    """Stage `index`'s training data: its tasks, plus `replay` examples of earlier stages' tasks."""
+    from samed2_kit.engine.data import store_dataset
+
+    stages = recipe.continual.stages
+    stage, seed = stages[index], recipe.train.seed
+    replay = stage.replay if recipe.continual.replay is None else recipe.continual.replay
+    parts = [store_dataset(recipe, store, stage.tasks, seed)]
+    earlier = [t for s in stages[:index] for t in s.tasks if t not in stage.tasks]
+    if replay and earlier:
+        old = store_dataset(recipe, store, sorted(set(earlier)), seed)
+        rng = np.random.default_rng([seed, index, 11])
+        keep = rng.choice(len(old), size=min(replay, len(old)), replace=False)
+        parts.append(Replay(old, np.sort(keep)))
+    return parts
+
+
+def stage_dir(out_dir: Path, index: int, stage: StageConfig) -> Path:
+    return out_dir / f"stage-{index + 1}-{stage.name}"
+
+
+def evaluate_stages(model, recipe: Recipe, items_by_stage: dict[str, list]) -> dict:
+    """{stage name: summary of `evaluate` on that stage's held-out items}."""
+    from samed2_kit.engine import evaluate as ev
+
+    out = {}
+    for name, items in items_by_stage.items():
+        rows, _ = ev.evaluate(model, items, recipe.eval, progress=False)
+        out[name] = ev.summarize(rows)
+    return out
+
+
+def forgetting_table(matrix: list[dict], names: list[str]) -> dict:
+    """From the rows {"after": stage, "dice": {stage: Dice}} (the first row: before training),
+    forgetting and gain per stage (see the module docstring)."""
+    dice = {row["after"]: row["dice"] for row in matrix}
+    last = matrix[-1]["after"]
+    order = [row["after"] for row in matrix]
+    out = {}
+    for name in names:
+        before = order[order.index(name) - 1]
+        out[name] = {
+            "dice_before": dice[before][name],
+            "dice_after_own_stage": dice[name][name],
+            "dice_at_end": dice[last][name],
+            "gain": dice[name][name] - dice[before][name],
+            "forgetting": dice[name][name] - dice[last][name],
+        }
+    return out
+
+
+def run_continual(
+    recipe: Recipe,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> dict:
+    """Train the recipe's `continual.stages` in order, evaluating every stage's tasks after each;
+    returns {"matrix", "forgetting"} ({} on other ranks). `resume` skips finished stages and
+    continues the interrupted one from its newest checkpoint."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from safetensors.torch import load_file, save_file
+
+    from samed2_kit.engine.items import items_from_store
+    from samed2_kit.engine.run import RUN_JSON, open_run_dir, prepare_store, validation
+    from samed2_kit.engine.state import checkpoint_dirs
+    from samed2_kit.engine.train import inject_adapters, train
+    from samed2_kit.model.build import build_model
+    from samed2_kit.utils.atomic import atomic_path, write_text
+
+    stages = recipe.continual.stages
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names) or len(stages) < 2:
+        raise ValueError(f"continual.stages {names}: give at least 2 stages with distinct names")
+    out_dir = Path(out_dir or recipe.out_dir)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with state.main_process_first():
+        if state.is_main_process:
+            open_run_dir(out_dir, resume, overwrite)
+        store = prepare_store(recipe, out_dir)
+    main = state.is_main_process
+    if main and not resume:
+        write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
+    items = {s.name: items_from_store(store, recipe.eval.split, s.tasks) for s in stages}
+
+    m = recipe.model
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(m.variant, m.checkpoint, m.image_size)
+    inject_adapters(model, recipe)
+    matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
+    accel = None
+    for i, stage in enumerate(stages):
+        folder = stage_dir(out_dir, i, stage)
+        if resume and (folder / STAGE_WEIGHTS).is_file() and (folder / STAGE_EVAL).is_file():
+            model.load_state_dict(load_file(str(folder / STAGE_WEIGHTS)))
+            matrix.append(json.loads((folder / STAGE_EVAL).read_text()))
+            continue
+        sr = stage_recipe(recipe, stage)
+        model, result, accel = train(
+            sr, model, stage_data(recipe, store, i), folder,
+            resume=resume and bool(checkpoint_dirs(folder)),
+            validate=validation(sr, store, stage.tasks), progress=progress,
+        )  # fmt: skip
+        row = {"after": stage.name, **_row(evaluate_stages(model, recipe, items))}
+        matrix.append(row)
+        if main:
+            with atomic_path(folder / STAGE_WEIGHTS) as tmp:
+                state_dict = {
+                    k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
+                }
+                save_file(state_dict, str(tmp))
+            write_text(folder / STAGE_EVAL, json.dumps(row, indent=2))
+        state.wait_for_everyone()
+    result = {"matrix": matrix, "forgetting": forgetting_table(matrix, names)}
+    if main:
+        write_final(out_dir, model, recipe, result, store)
+    state.wait_for_everyone()
+    if accel is not None:
+        accel.end_training()
+    if main:
+        for name, f in result["forgetting"].items():
+            print(f"[samed2] stage {name}: gain {f['gain']:+.3f}, forgetting {f['forgetting']:+.3f} "
+                  f"(Dice {f['dice_after_own_stage']:.3f} after it, {f['dice_at_end']:.3f} at the end)")  # fmt: skip
+        print(f"[samed2] run folder: {out_dir}  (report: {out_dir / 'report.md'})")
+    return result if main else {}
+
+
+def _row(summaries: dict) -> dict:
+    return {
+        "dice": {k: s["overall"]["dice"] for k, s in summaries.items()},
+        "per_task": {k: {t: v["dice"] for t, v in s["per_task"].items()} for k, s in summaries.items()},
+    }  # fmt: skip
+
+
+def write_final(out_dir: Path, model, recipe: Recipe, result: dict, store: str) -> None:
+    """The final model, continual.json and report.md (main process)."""
+    from samed2_kit.engine import report
+    from samed2_kit.engine.checkpoint import save_model
+    from samed2_kit.utils.atomic import write_text
+
+    save_model(model, out_dir, {"recipe": to_dict(recipe)})
+    write_text(out_dir / "continual.json", json.dumps(result, indent=2))
+    write_text(out_dir / "report.md", report.continual_markdown(result, recipe, store))

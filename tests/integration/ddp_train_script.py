@@ -1,0 +1,42 @@
+"""Run by test_accelerate_launch.py, as `python` (1 process) or under `accelerate launch`:
+trains test-tiny a few steps on a store and writes, per rank, the parameters and the losses.
+
+    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from samed2_kit.config import load_recipe
+from samed2_kit.engine.train import train
+from samed2_kit.model import build_model
+
+
+def main() -> None:
+    store, out, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    recipe = load_recipe(
+        None,
+        ["model.image_size=128", f"train.batch_size={batch}", "train.steps=3",
+         "train.warmup_steps=1", "train.lr=0.001", "train.mixed_precision=no",
+         "data.tasks=[fetal_head]", "data.augment=false"],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model("test-tiny", None, 128)
+    model, result, accel = train(recipe, model, store, progress=False)
+    rank = accel.process_index
+    out.mkdir(parents=True, exist_ok=True)
+    params = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(params, str(out / f"rank{rank}.safetensors"))
+    losses = [h.loss for h in result.history]
+    (out / f"rank{rank}.json").write_text(
+        json.dumps({"losses": losses, "world": accel.num_processes})
+    )
+    accel.end_training()
+
+
+if __name__ == "__main__":
+    main()
