@@ -17,10 +17,10 @@ def test_build_info_verify(tmp_path):
     store = tmp_path / "store"
     r = _run("build", str(REPO / "recipes" / "medbank_samples.yaml"), "--out", str(store))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "75 samples" in r.stdout and "| us | fetal_head | 13 | 32 | 35 | 45 |" in r.stdout
+    assert "75 samples" in r.stdout and "| us | fetal_head | 13 | 29 | 3 | 35 | 45 |" in r.stdout
     assert "skipped" in r.stderr and "amos_0507_31.png" in r.stderr
     r = _run("info", str(store))
-    assert r.returncode == 0 and "| ct | abdomen_ct_organs | 8 | 22 | 4 | 30 |" in r.stdout
+    assert r.returncode == 0 and "| ct | abdomen_ct_organs | 8 | 18 | 4 | 4 | 30 |" in r.stdout
     r = _run("verify", str(store))
     assert r.returncode == 0 and "OK (49 images, 75 samples, 39 cases)" in r.stdout
     manifest = json.loads((store / "manifest.json").read_text())

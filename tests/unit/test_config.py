@@ -48,3 +48,33 @@ def test_type_errors_and_bad_overrides():
         load_recipe("nope.yaml")
     with pytest.raises(ValueError, match="PromptConfig.mode='circle'"):
         load_recipe(None, ["data.prompt.mode=circle"])
+
+
+def test_every_shipped_recipe_validates():
+    from pathlib import Path
+
+    from samed2_kit.medbank.spec import load_spec
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    training = [p for p in sorted(root.glob("*.yaml")) if not p.name.startswith("medbank_")]
+    assert {p.name for p in training} >= {"quickstart.yaml", "continual_new_modality.yaml"}
+    for path in training:
+        r = load_recipe(path)
+        assert r.data.spec is None or Path(r.data.spec).is_file(), path
+        if r.data.spec:
+            load_spec(r.data.spec)  # the build spec it names validates too
+    for path in sorted(root.glob("medbank_*.yaml")):
+        load_spec(path)
+    cont = load_recipe(root / "continual_new_modality.yaml")
+    assert [s.name for s in cont.continual.stages] == ["ultrasound", "ct"]
+
+
+def test_train_and_continual_values_are_checked():
+    with pytest.raises(ValueError, match="train.keep_last=0 must be >= 1"):
+        load_recipe(None, ["train.keep_last=0"])
+    with pytest.raises(ValueError, match="train.save_every=-1"):
+        load_recipe(None, ["train.save_every=-1"])
+    with pytest.raises(ValueError, match="needs at least one task"):
+        load_recipe(None, ["continual={stages: [{name: a, tasks: []}]}"])
+    with pytest.raises(ValueError, match="unknown key 'continual.stages\\[0\\].step'"):
+        load_recipe(None, ["continual={stages: [{name: a, tasks: [x], step: 3}]}"])
