@@ -138,6 +138,10 @@ class StageConfig:
     steps: int = 200
     replay: int = 0  # training examples of the earlier stages' tasks kept and mixed in (seeded)
     lr: float | None = None  # default: train.lr
+    # a LoRA set of this name (adapters.lora's spec) is added for the stage and is all that trains
+    # (plus `trainable` groups); evaluation of the stage's tasks switches to it
+    adapter: str | None = None
+    trainable: list[str] | None = None  # default: train.trainable / train.mode (no adapter)
 
     def __post_init__(self) -> None:
         if not self.tasks:

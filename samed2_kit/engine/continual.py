@@ -7,7 +7,10 @@ Dice[after stage i][tasks of stage j]; the report states
 - gain on stage j = Dice after stage j - Dice before it (what the stage's training bought).
 
 A stage may replay `replay` stored training examples of the earlier stages' tasks (chosen with the
-recipe's seed, fixed for the stage), mixed into its own data.
+recipe's seed, fixed for the stage), mixed into its own data; and it may train its own LoRA set
+(`adapter: NAME`, with the recipe's `adapters.lora` spec) with everything else frozen (plus the
+stage's `trainable` groups): its tasks are then evaluated with that set active, so the weights
+earlier stages use are not touched.
 
     out_dir/
       run.json, report.md, continual.json (matrix, forgetting, gain), per_case.csv (last stage)
@@ -51,9 +54,39 @@ class Replay(torch.utils.data.Dataset):
         return self.base[self.indices[i]]
 
 
+def adapter_pattern(name: str) -> str:
+    """Regex over parameter names selecting one LoRA/LoHa/LoKr set (e.g. `...qkv.lora_A.ct.weight`)."""
+    import re
+
+    from samed2_kit.adapters.lora import PEFT_PARAM_PATTERN
+
+    return rf"(?:{PEFT_PARAM_PATTERN})\w*\.{re.escape(name)}(?:\.|$)"
+
+
+def use_stage_adapter(model, recipe: Recipe, stage: StageConfig) -> None:
+    """Add (first time) and activate the stage's LoRA set; no-op for a stage without one."""
+    from samed2_kit.adapters.lora import inject_lora, lora_sets, set_active_lora
+
+    if stage.adapter is None:
+        return
+    if recipe.adapters.lora is None:
+        raise ValueError(
+            f"continual stage {stage.name!r} names adapter {stage.adapter!r} but the recipe has "
+            "no adapters.lora: add e.g. `adapters: {lora: {preset: encoder-attn, rank: 8}}`"
+        )
+    if stage.adapter not in lora_sets(model):
+        inject_lora(model, recipe.adapters.lora, adapter_name=stage.adapter)
+    set_active_lora(model, stage.adapter)
+
+
 def stage_recipe(recipe: Recipe, stage: StageConfig) -> Recipe:
-    """The recipe one stage trains with: its tasks, steps and learning rate."""
-    train = dataclasses.replace(recipe.train, steps=stage.steps, lr=stage.lr or recipe.train.lr)
+    """The recipe one stage trains with: its tasks, steps, learning rate and what trains."""
+    trainable = stage.trainable or recipe.train.trainable
+    if stage.adapter:
+        trainable = [adapter_pattern(stage.adapter), *(stage.trainable or [])]
+    train = dataclasses.replace(
+        recipe.train, steps=stage.steps, lr=stage.lr or recipe.train.lr, trainable=trainable
+    )
     data = dataclasses.replace(recipe.data, tasks=list(stage.tasks))
     return dataclasses.replace(recipe, train=train, data=data, continual=None)
 
@@ -80,12 +113,19 @@ def stage_dir(out_dir: Path, index: int, stage: StageConfig) -> Path:
 
 
 def evaluate_stages(model, recipe: Recipe, items_by_stage: dict[str, list]) -> dict:
-    """{stage name: summary of `evaluate` on that stage's held-out items}."""
+    """{stage name: summary of `evaluate` on that stage's held-out items}, each stage's tasks with
+    its own adapter set when it has one and the set exists yet (the active set is restored)."""
+    from samed2_kit.adapters.lora import active_lora, lora_sets, set_active_lora
     from samed2_kit.engine import evaluate as ev
 
-    out = {}
+    stages = {s.name: s for s in recipe.continual.stages}
+    active, out = active_lora(model), {}
     for name, items in items_by_stage.items():
+        if stages[name].adapter in lora_sets(model):
+            set_active_lora(model, stages[name].adapter)
         rows, _ = ev.evaluate(model, items, recipe.eval, progress=False)
+        if active is not None:
+            set_active_lora(model, active)
         out[name] = ev.summarize(rows)
     return out
 
@@ -148,11 +188,16 @@ def run_continual(
     m = recipe.model
     torch.manual_seed(recipe.train.seed)
     model = build_model(m.variant, m.checkpoint, m.image_size)
-    inject_adapters(model, recipe)
+    per_stage = any(s.adapter for s in stages)  # then each stage adds its own LoRA set
+    lora = None if per_stage else recipe.adapters.lora
+    inject_adapters(
+        model, dataclasses.replace(recipe, adapters=dataclasses.replace(recipe.adapters, lora=lora))
+    )
     matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
     accel = None
     for i, stage in enumerate(stages):
         folder = stage_dir(out_dir, i, stage)
+        use_stage_adapter(model, recipe, stage)
         if resume and (folder / STAGE_WEIGHTS).is_file() and (folder / STAGE_EVAL).is_file():
             model.load_state_dict(load_file(str(folder / STAGE_WEIGHTS)))
             matrix.append(json.loads((folder / STAGE_EVAL).read_text()))

@@ -64,10 +64,10 @@ def open_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
 
     has_files = out_dir.is_dir() and any(out_dir.iterdir())
     if resume:
-        if not checkpoint_dirs(out_dir):
+        if not (out_dir / RUN_JSON).is_file():
             raise ValueError(
-                f"--resume: {out_dir} has no checkpoints (checkpoints/step-*); set "
-                "train.save_every=N to write them, or start without --resume"
+                f"--resume: {out_dir} holds no started run ({RUN_JSON} is missing); start "
+                "without --resume"
             )
         return
     if has_files and not overwrite:
@@ -119,7 +119,7 @@ def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) 
         "data": f"store {store}: {result.train_samples} training samples "
         f"(split {recipe.data.train_split}), {n_eval} held-out (split {recipe.eval.split})",
         "eval_prompt": recipe.eval.prompt,
-        "eval_clicks": recipe.eval.clicks,
+        **({"eval_clicks": recipe.eval.clicks} if recipe.eval.prompt == "box+clicks" else {}),
         "nsd_tolerance_mm": recipe.eval.nsd_tolerance_mm,
     }
 

@@ -85,7 +85,7 @@ def test_decoder_mode_leaves_the_encoder_untouched_and_accumulates(hc18_store):
 
 def test_too_few_samples_is_a_clear_error(hc18_store):
     m = build_model("test-tiny", image_size=128)
-    with pytest.raises(ValueError, match=r"fewer than one global batch \(train.batch_size=64 x 1):
+    with pytest.raises(ValueError, match=r"fewer than one global batch \(train.batch_size=64 x 1"):
         train(_recipe("train.batch_size=64"), m, hc18_store, progress=False)
 
 
