@@ -84,7 +84,7 @@ def plain_sam2(args) -> float:
     for _ in range(args.steps):
         t = time.perf_counter()  # data loading included, as in the engine's step time
         batch = next(batches)
-        images, target = batch["image"].flatten(0, 1), batch["mask"].flatten(0, 1)
+        images, target = batch["image"], batch["mask"]  # (B, 3, S, S), (B, 1, S, S)
         masks, _ = direct_sam2(sam, images, batch["box"])
         target = F.interpolate(target, size=masks.shape[-2:], mode="nearest")
         prob = masks.sigmoid()

@@ -112,4 +112,7 @@ def make_loader(dataset: EpochIndexed, recipe, rank: int, world: int, start: int
         batch_sampler=sampler,
         collate_fn=collate_clips,
         num_workers=recipe.data.num_workers,
+        # its own generator: making an iterator must not draw from the global RNG, which a
+        # resumed run restores and dropout uses
+        generator=torch.Generator().manual_seed(recipe.train.seed),
     )

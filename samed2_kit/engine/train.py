@@ -25,8 +25,8 @@ from samed2_kit.config import Recipe, to_dict
 @dataclass
 class StepLog:
     step: int
-    loss: float
-    parts: dict[str, float]
+    loss: float  # mean over the global batch (all processes, all accumulated micro-batches)
+    parts: dict[str, float]  # loss terms of this process's last micro-batch
     lr: float
     samples_per_s: float
 
