@@ -18,6 +18,7 @@ from typing import Any
 from samed2_kit.adapters.lora import LoraSpec
 from samed2_kit.adapters.temporal import TemporalAdapterConfig
 from samed2_kit.losses import LossConfig
+from samed2_kit.memory.bank import MemoryConfig
 from samed2_kit.prompts import PromptConfig
 
 
@@ -167,9 +168,8 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    continual: ContinualConfig | None = (
-        None  # stages of continual training (samed2 train runs them)
-    )
+    memory: MemoryConfig | None = None  # confidence memory (SAMed-2); None: no memory
+    continual: ContinualConfig | None = None  # stages trained one after the other
     out_dir: str = "runs/quickstart"
 
 

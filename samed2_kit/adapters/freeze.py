@@ -34,7 +34,10 @@ GROUPS: dict[str, str] = {
     "temporal_adapter": TEMPORAL_PATTERN,
     "lora": PEFT_PARAM_PATTERN,
     "prompt_sources": r"^(?:prompt_sources|source_gates)\.",
-    "memory": r"^memory\.",
+    # the confidence memory reads through sam2's memory attention and writes through its memory
+    # encoder: they train with it
+    "memory": r"^(?:memory\.|sam\.(?:memory_attention|memory_encoder)\.|sam\.maskmem_tpos_enc$"
+    r"|sam\.no_obj_embed_spatial$)",
     "all": r".",
 }
 
@@ -76,6 +79,8 @@ def policy_for_mode(model: nn.Module, mode: str, lr_mult: dict[str, float] | Non
     if mode not in MODE_GROUPS:
         raise ValueError(f"train.mode={mode!r}: choose one of {sorted(MODE_GROUPS)}")
     extra = [g for g in OPTIONAL_GROUPS if matching(model, g)]
+    if getattr(model, "memory", None) is None and "memory" in extra:
+        extra.remove("memory")  # sam2's memory modules sit unused without our memory
     return FreezePolicy(train=MODE_GROUPS[mode] + extra, lr_mult=dict(lr_mult or {}))
 
 

@@ -17,7 +17,8 @@ FORMAT_VERSION = 1
 def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
     """Write `folder/model.safetensors` (the sam2 module's base weights, sam2's key names),
     `folder/model.json` (variant, image size, format version, `extra`) and, when the model has
-    adapters, `folder/adapters-default.safetensors/.json` (samed2_kit.adapters.io); atomically."""
+    adapters, `folder/adapters-default.safetensors/.json` (samed2_kit.adapters.io), and with a
+    confidence memory, `folder/memory.safetensors`; atomically."""
     from safetensors.torch import save_file
 
     from samed2_kit.adapters.io import base_state_dict, has_adapters, save_adapters
@@ -38,6 +39,10 @@ def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
     write_text(folder / CONFIG, json.dumps(meta, indent=2, default=str))
     if has_adapters(model):
         save_adapters(model, folder)
+    if getattr(model, "memory", None) is not None:
+        from samed2_kit.memory import MEMORY_FILE
+
+        model.memory.bank.save(folder / MEMORY_FILE)
     return folder
 
 
@@ -63,4 +68,10 @@ def load_model(folder_or_file: str | Path, device: str | torch.device | None = N
         from samed2_kit.adapters.io import load_adapters
 
         load_adapters(model, folder)  # injects the saved temporal adapters / LoRA sets first
+    from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory, attach_memory
+
+    if (folder / MEMORY_FILE).is_file():  # the bank carries its own config
+        bank = ConfidenceMemory.load(folder / MEMORY_FILE, {"variant": spec.variant,
+                                                           "image_size": spec.image_size})  # fmt: skip
+        attach_memory(model, bank.cfg).bank = bank
     return model

@@ -193,6 +193,10 @@ def run_continual(
     inject_adapters(
         model, dataclasses.replace(recipe, adapters=dataclasses.replace(recipe.adapters, lora=lora))
     )
+    if recipe.memory is not None:  # one bank across stages: earlier partitions stay retrievable
+        from samed2_kit.memory import attach_memory
+
+        attach_memory(model, recipe.memory)
     matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
     accel = None
     for i, stage in enumerate(stages):

@@ -160,6 +160,10 @@ def run_recipe(
     torch.manual_seed(recipe.train.seed)  # the random init (and any unloaded weights) by seed
     model = build_model(m.variant, m.checkpoint, m.image_size)
     inject_adapters(model, recipe)
+    if recipe.memory is not None:
+        from samed2_kit.memory import attach_memory
+
+        attach_memory(model, recipe.memory)
     model, result, accel = train(
         recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
     )

@@ -5,7 +5,8 @@
                               frozen weights are not copied, their sha256 is (`frozen_sha256`)
       optimizer.safetensors   optimizer state tensors, keyed "<param index>.<name>"
       rng.safetensors         torch CPU (+ CUDA) generator states, per rank
-      extra.safetensors       state of memory / prompt sources when the model has them (optional)
+      extra.safetensors       state of prompt sources when the model has them (optional)
+      memory.safetensors      the confidence memory bank, when the model has one
       state.json              written last: step, consumed micro-batches, scheduler state,
                               optimizer groups, Python/NumPy RNG states per rank, recipe digest,
                               sha256 of every file above
@@ -134,11 +135,13 @@ def save(
     rng_by_rank: list[tuple[dict, dict]],
     extra: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
+    writers: dict | None = None,
 ) -> Path:
     """Write checkpoint `step-<pos.step>` (main process only) and keep the newest `keep_last`.
 
     `rng_by_rank`: every rank's `rng_state()` (gathered by the caller); `meta`: JSON-able facts
-    a resume checks (recipe digest, frozen-weight digest, world size)."""
+    a resume checks (recipe digest, frozen-weight digest, world size); `writers`: {file name:
+    write(path)} for state kept in its own file (the memory bank), verified like the rest."""
     from safetensors.torch import save_file
 
     from samed2_kit.utils.atomic import atomic_path
@@ -155,6 +158,9 @@ def save(
             path = tmp / f"{name}.safetensors"
             save_file(tensors, str(path), metadata={"format": "samed2-kit-train-state"})
             digests[path.name] = sha256_file(path)
+        for name, write in (writers or {}).items():
+            write(tmp / name)
+            digests[name] = sha256_file(tmp / name)
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         state = {
             "format_version": FORMAT_VERSION,

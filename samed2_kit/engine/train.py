@@ -253,6 +253,7 @@ def train(
             "world": world, "samples": len(dataset)}  # fmt: skip
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
+    mem = raw.memory  # the confidence memory (None without): written from every rank's batches
 
     pos = ckpt.Position()
     if resume:
@@ -262,6 +263,10 @@ def train(
         meta = ckpt.read_state(found[-1])["meta"]
         check_resume(meta, want, found[-1])
         pos, _, _ = ckpt.load(found[-1], raw, opt, sched, accelerator.process_index)
+        if mem is not None:
+            from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory
+
+            mem.bank = ConfidenceMemory.load(found[-1] / MEMORY_FILE, mem.bank.model, mem.cfg)
         # the LR at this step from *this* schedule (train.steps may have been raised): the same
         # value as saved when it was not
         for g, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
@@ -283,17 +288,23 @@ def train(
     bar = tqdm(total=cfg.steps, initial=pos.step, desc="train", disable=not (progress and main))
     t0 = t_last = time.perf_counter()
     seen, start_step = 0, pos.step
+    if mem is not None:
+        mem.writing = True  # only here: evaluation and prediction never write
     while pos.step < cfg.steps:
         total = torch.zeros((), device=accelerator.device)
+        entries = []
         for micro in range(cfg.grad_accum):
             batch = to_device(next(batches), accelerator.device)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 prompts = batch_prompts(batch, recipe.data.prompt.mode)
-                out = model(batch["image"], prompts, cfg.multimask)
+                meta = {k: batch[k] for k in ("case_id", "task", "modality")}
+                out = model(batch["image"], prompts, cfg.multimask, batch["clip_len"], meta)
                 loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"])
                 accelerator.backward(loss.total / cfg.grad_accum)
             total += loss.total.detach() / cfg.grad_accum
+            if mem is not None:
+                entries += mem.candidates(raw.sam, out, meta, pos.step + 1)
             pos.consumed += 1
             seen += len(batch["image"]) * world
         if cfg.clip_grad > 0:
@@ -303,6 +314,8 @@ def train(
         sched.step()
         opt.zero_grad(set_to_none=True)
         pos.step += 1
+        if mem is not None:  # every rank applies every rank's entries, in rank order
+            mem.commit(gather_object(entries) if world > 1 else entries)
         mean_loss = float(accelerator.reduce(total, "mean"))  # over processes: the global batch
         now = time.perf_counter()
         sps, seen, t_last = seen / max(now - t_last, 1e-9), 0, now
@@ -331,9 +344,13 @@ def train(
             rngs = gather_object([ckpt.rng_state()])
             if main:
                 meta = {**want, "step": pos.step}
-                ckpt.save(run_dir, raw, opt, sched, pos, meta, rngs, keep_last=cfg.keep_last)
+                files = {"memory.safetensors": mem.bank.save} if mem is not None else None
+                ckpt.save(run_dir, raw, opt, sched, pos, meta, rngs, keep_last=cfg.keep_last,
+                          writers=files)  # fmt: skip
             accelerator.wait_for_everyone()
     bar.close()
+    if mem is not None:
+        mem.writing = False
     result.seconds = time.perf_counter() - t0
     result.steps_run = pos.step - start_step
     if log:

@@ -177,3 +177,64 @@ def hiera_block_forward(block: torch.nn.Module, x: torch.Tensor, after_attn=None
     # MLP
     x = x + block.drop_path(block.mlp(block.norm2(x)))
     return x
+
+
+def raw_embed(sam: torch.nn.Module, feats: ImageFeatures) -> torch.Tensor:
+    """The image embedding (B, C, h, w) without `no_mem_embed`: what sam2 feeds its memory
+    attention and memory encoder (the image-only path adds `no_mem_embed` instead)."""
+    if sam.directly_add_no_mem_embed:
+        return feats.image_embed - sam.no_mem_embed.reshape(1, -1, 1, 1)
+    return feats.image_embed
+
+
+def memory_dim(sam: torch.nn.Module) -> int:
+    """Channels of a memory-encoder feature map (64 in Meta's variants)."""
+    return int(sam.mem_dim)
+
+
+def encode_memory(
+    sam: torch.nn.Module, feats: ImageFeatures, low_res_logits: torch.Tensor, object_score_logits
+) -> torch.Tensor:
+    """Memory-encoder features (B, mem_dim, h, w) of predictions, as sam2's `_encode_new_memory`
+    makes them: the raw embedding fused with sigmoid(mask logits at S x S) * scale + bias, plus
+    `no_obj_embed_spatial` where the object score says "no object"."""
+    import torch.nn.functional as F
+
+    size = sam.image_size
+    hi = F.interpolate(low_res_logits[:, :1].float(), (size, size), mode="bilinear",
+                       align_corners=False)  # fmt: skip
+    mask = torch.sigmoid(hi) * sam.sigmoid_scale_for_mem_enc + sam.sigmoid_bias_for_mem_enc
+    out = sam.memory_encoder(raw_embed(sam, feats), mask, skip_mask_sigmoid=True)
+    maskmem = out["vision_features"]
+    if sam.no_obj_embed_spatial is not None:
+        absent = (object_score_logits <= 0).float().reshape(-1, 1, 1, 1)
+        maskmem = maskmem + absent * sam.no_obj_embed_spatial.reshape(1, -1, 1, 1)
+    return maskmem
+
+
+def memory_pos(sam: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """Sine positional encoding (1, mem_dim, h, w) of memory features shaped like `like`
+    (recomputed, never stored)."""
+    return sam.memory_encoder.position_encoding(like[:1]).to(like.dtype)
+
+
+def attend_memory(
+    sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tensor
+) -> torch.Tensor:
+    """SAM 2 memory attention of a batch over retrieved memories.
+
+    memory: (B, n, mem_dim, h, w) entries per image, the first the most relevant; entry r gets the
+    temporal encoding of a frame r + 1 steps away (sam2's `maskmem_tpos_enc`). Returns the
+    conditioned image embedding (B, C, h, w), as sam2's video path gives its decoder.
+    """
+    b, n, m, h, w = memory.shape
+    pos = memory_pos(sam, memory[:, 0]).flatten(2).permute(2, 0, 1)  # (hw, 1, m)
+    slots = sam.num_maskmem
+    tpos = torch.stack([sam.maskmem_tpos_enc[slots - 1 - min(r + 1, slots - 1)] for r in range(n)])
+    mem = memory.permute(1, 3, 4, 0, 2).reshape(n * h * w, b, m)  # entry-major tokens
+    mem_pos = (pos.unsqueeze(0) + tpos.reshape(n, 1, 1, m)).reshape(n * h * w, 1, m).expand(-1, b, -1)
+    curr = raw_embed(sam, feats).flatten(2).permute(2, 0, 1)  # (hw, B, C)
+    curr_pos = feats.pos.flatten(2).permute(2, 0, 1)
+    out = sam.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=mem,
+                               memory_pos=mem_pos.to(mem.dtype), num_obj_ptr_tokens=0)  # fmt: skip
+    return out.permute(1, 2, 0).reshape(b, -1, h, w)

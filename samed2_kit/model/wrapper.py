@@ -12,7 +12,8 @@ Three seams, each tested:
 - encoder: adapters attach to the Hiera blocks (`encoder_blocks`) and read `clip` (T, the number of
   adjacent slices per clip in a batch of B = clips * T images) while the encoder runs;
 - prompt sources: `add_prompt_source(name, module)`; each returns a `PromptContribution`;
-- memory: `memory` module with `condition(features, meta) -> features`, applied before the decoder.
+- memory: `memory` module with `condition(sam, features, meta) -> features`, applied before the
+  decoder (`samed2_kit.memory`: retrieval + SAM 2 memory attention).
 """
 
 from __future__ import annotations
@@ -61,12 +62,14 @@ class PromptContribution:
 @dataclass
 class SAMed2Output:
     """low_res_logits (B, M, S/4, S/4); iou (B, M) predicted IoU in [0, 1];
-    object_score_logits (B, 1); features: the (conditioned) image features used."""
+    object_score_logits (B, 1); features: the (memory-conditioned) image features the decoder
+    used; encoder_features: the image encoder's, before memory (what memory entries are made of)."""
 
     low_res_logits: torch.Tensor
     iou: torch.Tensor
     object_score_logits: torch.Tensor
     features: ImageFeatures | None = None
+    encoder_features: ImageFeatures | None = None
 
 
 @dataclass
@@ -138,15 +141,16 @@ class SAMed2Model(nn.Module):
         meta: dict | None = None,
     ) -> SAMed2Output:
         """Memory conditioning, prompt fusion and the mask decoder for a batch of features."""
+        encoder_feats = feats
         if self.memory is not None:
-            feats = self.memory.condition(feats, meta or {})
+            feats = self.memory.condition(self.sam, feats, meta or {})
         batch = feats.image_embed.shape[0]
         sparse, dense = _sam2.embed_prompts(
             self.sam, prompts.points, prompts.point_labels, prompts.boxes, prompts.masks, batch
         )
         dense = self._fuse_sources(feats, prompts, dense)
         logits, iou, obj = _sam2.decode(self.sam, feats, sparse, dense, multimask_output)
-        return SAMed2Output(logits, iou, obj, feats)
+        return SAMed2Output(logits, iou, obj, feats, encoder_feats)
 
     def _fuse_sources(self, feats: ImageFeatures, prompts: Prompts, dense: torch.Tensor):
         for name, source in self.prompt_sources.items():

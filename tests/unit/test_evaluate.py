@@ -155,7 +155,7 @@ class CountingMemory(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(1))
         self.register_buffer("writes", torch.zeros(1))
 
-    def condition(self, feats, meta):
+    def condition(self, sam, feats, meta):
         if self.training:
             self.writes += 1
         return feats

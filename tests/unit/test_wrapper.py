@@ -149,7 +149,7 @@ class _Memory(nn.Module):
         self.bias = nn.Parameter(torch.full((1, dim, 1, 1), 0.5))
         self.calls = []
 
-    def condition(self, feats: ImageFeatures, meta: dict) -> ImageFeatures:
+    def condition(self, sam, feats: ImageFeatures, meta: dict) -> ImageFeatures:
         self.calls.append(meta)
         return ImageFeatures(feats.image_embed + self.bias, feats.high_res, feats.pos)
 

@@ -1,0 +1,123 @@
+"""`model.memory`: the confidence memory wired into SAMed2Model.
+
+- `condition(sam, feats, meta)` (every forward, any mode): retrieve the top-k entries for each
+  image by its key and run SAM 2 memory attention over their features (sam2's own module, with
+  its temporal position encodings); images with nothing to retrieve keep their features, so an
+  empty bank leaves the model exactly as without memory. While training, an image never
+  retrieves entries of its own case (`meta["case_id"]`).
+- `candidates(sam, out, meta, step)`: entries made from a batch's predictions (memory encoder on
+  the encoder features + predicted mask; confidence = predicted IoU), for the training loop to
+  gather from every rank and `commit` in the same order everywhere.
+
+Writes happen only through `commit`, which refuses unless `writing` is on: the training loop turns
+it on for the duration of training; evaluation and the predictor never do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samed2_kit.memory.bank import ConfidenceMemory, Entry, MemoryConfig
+from samed2_kit.model import _sam2
+from samed2_kit.model._sam2 import ImageFeatures
+
+MEMORY_FILE = "memory.safetensors"
+
+
+def _per_image(values, batch: int) -> list | None:
+    """Per-clip metadata (B/T values) repeated to per-image (B); None stays None."""
+    if values is None:
+        return None
+    values = list(values)
+    if not values or batch % len(values):
+        raise ValueError(f"memory: {len(values)} metadata values for a batch of {batch} images")
+    return [v for v in values for _ in range(batch // len(values))]
+
+
+class MemoryConditioner(nn.Module):
+    """Holds a ConfidenceMemory; no parameters of its own (memory attention and the memory
+    encoder are sam2's, trained through the `memory` freeze group)."""
+
+    def __init__(self, cfg: MemoryConfig, model_id: dict) -> None:
+        super().__init__()
+        self.bank = ConfidenceMemory(cfg, model_id)
+        self.writing = False
+
+    @property
+    def cfg(self) -> MemoryConfig:
+        return self.bank.cfg
+
+    def keys(self, sam, feats: ImageFeatures) -> torch.Tensor:
+        """Retrieval keys (B, C * g^2): the encoder embedding pooled to g x g, L2-normalised."""
+        pooled = F.adaptive_avg_pool2d(_sam2.raw_embed(sam, feats).float(), self.cfg.key_pool)
+        return F.normalize(pooled.flatten(1), dim=1)
+
+    def condition(self, sam, feats: ImageFeatures, meta: dict) -> ImageFeatures:
+        if not len(self.bank):
+            return feats
+        b = feats.image_embed.shape[0]
+        keys = self.keys(sam, feats).detach().cpu()
+        exclude = _per_image(meta.get("case_id"), b) if self.training else None
+        parts = None
+        if self.cfg.read_scope == "partition" and meta.get("task") is not None:
+            mods = _per_image(meta.get("modality") or [""] * len(meta["task"]), b)
+            parts = [self.bank.partition_of(m, t) for m, t in zip(mods, _per_image(meta["task"], b),
+                                                                  strict=True)]  # fmt: skip
+        rows, valid = self.bank.top_k(keys, exclude, parts)
+        counts = valid.sum(1)
+        embed = feats.image_embed
+        dev, dtype = embed.device, embed.dtype
+        for n in sorted(set(counts.tolist()) - {0}):
+            idx = torch.nonzero(counts == n).flatten()
+            mem = self.bank.features[rows[idx, :n]].to(dev, dtype)  # (b_n, n, m, h, w)
+            out = _sam2.attend_memory(sam, feats.select(idx.to(dev)), mem)
+            embed = embed.index_copy(0, idx.to(dev), out.to(dtype))
+        return ImageFeatures(embed, feats.high_res, feats.pos)
+
+    @torch.no_grad()
+    def candidates(self, sam, out, meta: dict, step: int) -> list[Entry]:
+        """Entries from one batch's predictions (on CPU), best of the M masks per image."""
+        feats = out.encoder_features
+        b = feats.image_embed.shape[0]
+        best = out.iou.argmax(dim=1)
+        logits = out.low_res_logits[torch.arange(b), best][:, None]
+        conf = out.iou[torch.arange(b), best].float()
+        if self.cfg.stability:
+            hi, lo = (logits > 1.0).flatten(1).sum(1), (logits > -1.0).flatten(1).sum(1)
+            conf = conf * (hi.float() / lo.clamp(min=1).float())
+        keep = torch.nonzero(conf >= self.cfg.threshold).flatten()
+        if not len(keep):
+            return []
+        sub = feats.select(keep)
+        maskmem = _sam2.encode_memory(sam, sub, logits[keep], out.object_score_logits[keep])
+        keys = self.keys(sam, sub)
+        info = {k: _per_image(meta.get(k) or [""] * b, b) for k in ("case_id", "task", "modality")}
+        return [
+            Entry(keys[j].cpu(), maskmem[j].to(torch.bfloat16).cpu(), float(conf[i]),
+                  info["modality"][i], info["task"][i], info["case_id"][i], step)
+            for j, i in enumerate(keep.tolist())
+        ]  # fmt: skip
+
+    def commit(self, entries: list[Entry]) -> dict[str, int]:
+        """Apply the write policy to `entries` in order; counts per outcome."""
+        if not self.writing:
+            raise RuntimeError(
+                "the memory bank is read-only here: only training writes (set "
+                "model.memory.writing = True to write explicitly)"
+            )
+        counts: dict[str, int] = {}
+        for e in entries:
+            outcome = self.bank.add(e)
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+
+def attach_memory(model, cfg: MemoryConfig) -> MemoryConditioner:
+    """Give `model` (SAMed2Model) an empty confidence memory."""
+    if model.memory is not None:
+        raise ValueError("the model already has a memory")
+    model.memory = MemoryConditioner(cfg, {"variant": model.spec.variant,
+                                           "image_size": model.spec.image_size})  # fmt: skip
+    return model.memory
