@@ -3,6 +3,8 @@
 samed2 quickstart [--checkpoint PATH] [--out DIR] [key=value ...]
 samed2 train RECIPE.yaml [--out DIR] [--resume | --overwrite] [key=value ...]
 samed2 eval RUN_DIR [STORE] [--split S] [--protocol P] [--clicks K] [--out DIR] [key=value ...]
+samed2 medbank build|info|verify ...
+samed2 memory info|prune|export BANK ...
 samed2 info
 """
 
@@ -179,6 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     from samed2_kit.medbank.cli import add_parser as add_medbank
 
     add_medbank(sub)
+
+    from samed2_kit.memory.cli import add_parser as add_memory
+
+    add_memory(sub)
 
     i = sub.add_parser("info", help="versions and model variants")
     i.set_defaults(func=cmd_info)

@@ -1,7 +1,7 @@
 """The confidence-driven memory bank (SAMed-2), as data: entries, write policy, top-k read, files.
 
-An entry: a compact key (the image embedding average-pooled to g x g, L2-normalised; C * g^2
-values, float32), the memory-encoder features of the prediction (mem_dim, h, w) in bf16, a
+An entry: a compact key (the image embedding average-pooled to g x g, projected to `key_dim`
+values by a fixed seeded Gaussian matrix, L2-normalised; float32), the memory-encoder features of the prediction (mem_dim, h, w) in bf16, a
 confidence in [0, 1] (the predicted IoU, one sigmoid; optionally times the stability score), and
 metadata (modality, task, case id, training step). Entries live in partitions (per task, per
 modality, or one), each with a capacity.
@@ -37,7 +37,8 @@ REPLACE_RULES = ("nearest", "diversity")
 class MemoryConfig:
     """Recipe section `memory:` (None: no memory)."""
 
-    key_pool: int = 1  # key = image embedding average-pooled to g x g: C * g^2 values
+    key_pool: int = 1  # key = image embedding average-pooled to g x g: C * g^2 values ...
+    key_dim: int | None = 64  # ... projected to this many (fixed seeded Gaussian); None: keep all
     top_k: int = 4  # entries retrieved per image (independent of the batch size)
     conf_weight: float = 0.1  # lambda in score = cosine + lambda * confidence
     threshold: float = 0.8  # write only predictions at least this confident
@@ -61,6 +62,8 @@ class MemoryConfig:
                 raise ValueError(f"memory.{name}={value} must be >= 1")
         if self.top_k < 1 or self.key_pool < 1 or not 0 <= self.threshold <= 1:
             raise ValueError("memory: top_k >= 1, key_pool >= 1 and 0 <= threshold <= 1")
+        if self.key_dim is not None and self.key_dim < 1:
+            raise ValueError(f"memory.key_dim={self.key_dim} must be >= 1 (or null: no projection)")
 
     def capacity_of(self, partition: str) -> int:
         return self.capacities.get(partition, self.capacity)
@@ -92,6 +95,7 @@ class ConfidenceMemory:
         self.n = 0
         self.keys = self.features = self.conf = self.case = self.step = self.part = None
         self.partitions: list[str] = []
+        self.counts: dict[str, int] = {}  # entries per partition
         self.meta: list[dict] = []
 
     # -- storage -------------------------------------------------------------------------------
@@ -159,13 +163,13 @@ class ConfidenceMemory:
             return "below threshold"
         self._check(e)
         name = self.partition_of(e.modality, e.task)
-        rows = self.members(name)
-        if len(rows) < self.cfg.capacity_of(name):
+        if self.counts.get(name, 0) < self.cfg.capacity_of(name):
             self._alloc(e, self.n + 1)
             self._put(self.n, e, self._part_index(name))
             self.n += 1
+            self.counts[name] = self.counts.get(name, 0) + 1
             return "inserted"
-        target = self._victim(e, rows)
+        target = self._victim(e, self.members(name))
         if target is None:
             return "dropped"
         self._put(int(target), e, self._part_index(name))
@@ -252,6 +256,10 @@ class ConfidenceMemory:
             getattr(self, name)[: len(rows)] = t[rows]
         self.meta = [self.meta[int(i)] for i in rows]
         self.n = len(rows)
+        self._recount()
+
+    def _recount(self) -> None:
+        self.counts = {name: len(self.members(name)) for name in self.partitions}
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file (tensors + JSON header), written atomically."""
@@ -305,6 +313,7 @@ class ConfidenceMemory:
             for name, t in tensors.items():
                 setattr(bank, name, t.clone())
         bank.n, bank.partitions, bank.meta = n, list(header["partitions"]), list(header["entries"])
+        bank._recount()
         for row in bank.table():
             if row["entries"] > row["capacity"]:
                 raise ValueError(

@@ -44,15 +44,25 @@ class MemoryConditioner(nn.Module):
         super().__init__()
         self.bank = ConfidenceMemory(cfg, model_id)
         self.writing = False
+        self._proj: torch.Tensor | None = None  # the key projection, rebuilt from its seed
 
     @property
     def cfg(self) -> MemoryConfig:
         return self.bank.cfg
 
     def keys(self, sam, feats: ImageFeatures) -> torch.Tensor:
-        """Retrieval keys (B, C * g^2): the encoder embedding pooled to g x g, L2-normalised."""
+        """Retrieval keys (B, key_dim): the encoder embedding pooled to g x g (C * g^2 values),
+        projected by a fixed Gaussian matrix (seed 0) when key_dim is smaller, L2-normalised.
+        A short key keeps a read of 100k entries within a few ms (it is memory-bound)."""
         pooled = F.adaptive_avg_pool2d(_sam2.raw_embed(sam, feats).float(), self.cfg.key_pool)
-        return F.normalize(pooled.flatten(1), dim=1)
+        pooled = pooled.flatten(1)
+        d = self.cfg.key_dim
+        if d is not None and d < pooled.shape[1]:
+            if self._proj is None or self._proj.shape[0] != pooled.shape[1]:
+                gen = torch.Generator().manual_seed(0)
+                self._proj = torch.randn(pooled.shape[1], d, generator=gen) / d**0.5
+            pooled = pooled @ self._proj.to(pooled.device)
+        return F.normalize(pooled, dim=1)
 
     def condition(self, sam, feats: ImageFeatures, meta: dict) -> ImageFeatures:
         if not len(self.bank):

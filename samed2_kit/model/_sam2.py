@@ -218,9 +218,7 @@ def memory_pos(sam: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
     return sam.memory_encoder.position_encoding(like[:1]).to(like.dtype)
 
 
-def attend_memory(
-    sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tensor
-) -> torch.Tensor:
+def attend_memory(sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tensor) -> torch.Tensor:
     """SAM 2 memory attention of a batch over retrieved memories.
 
     memory: (B, n, mem_dim, h, w) entries per image, the first the most relevant; entry r gets the
@@ -232,7 +230,9 @@ def attend_memory(
     slots = sam.num_maskmem
     tpos = torch.stack([sam.maskmem_tpos_enc[slots - 1 - min(r + 1, slots - 1)] for r in range(n)])
     mem = memory.permute(1, 3, 4, 0, 2).reshape(n * h * w, b, m)  # entry-major tokens
-    mem_pos = (pos.unsqueeze(0) + tpos.reshape(n, 1, 1, m)).reshape(n * h * w, 1, m).expand(-1, b, -1)
+    mem_pos = (
+        (pos.unsqueeze(0) + tpos.reshape(n, 1, 1, m)).reshape(n * h * w, 1, m).expand(-1, b, -1)
+    )
     curr = raw_embed(sam, feats).flatten(2).permute(2, 0, 1)  # (hw, B, C)
     curr_pos = feats.pos.flatten(2).permute(2, 0, 1)
     out = sam.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=mem,

@@ -1,7 +1,10 @@
 """Run by test_accelerate_launch.py, as `python` (1 process) or under `accelerate launch`:
 trains test-tiny a few steps on a store and writes, per rank, the parameters and the losses.
 
-    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS
+    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS [memory]
+
+With "memory", the model has a confidence memory (every prediction written) and each rank also
+writes the bank's digest.
 """
 
 import json
@@ -18,6 +21,7 @@ from samed2_kit.model import build_model
 
 def main() -> None:
     store, out, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    memory = sys.argv[4:] == ["memory"]
     recipe = load_recipe(
         None,
         ["model.image_size=128", f"train.batch_size={batch}", "train.steps=3",
@@ -26,15 +30,19 @@ def main() -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model("test-tiny", None, 128)
+    if memory:
+        from samed2_kit.memory import MemoryConfig, attach_memory
+
+        attach_memory(model, MemoryConfig(threshold=0.0, capacity=4, top_k=2))
     model, result, accel = train(recipe, model, store, progress=False)
     rank = accel.process_index
     out.mkdir(parents=True, exist_ok=True)
     params = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(params, str(out / f"rank{rank}.safetensors"))
-    losses = [h.loss for h in result.history]
-    (out / f"rank{rank}.json").write_text(
-        json.dumps({"losses": losses, "world": accel.num_processes})
-    )
+    info = {"losses": [h.loss for h in result.history], "world": accel.num_processes}
+    if memory:
+        info |= {"bank": model.memory.bank.digest(), "entries": len(model.memory.bank)}
+    (out / f"rank{rank}.json").write_text(json.dumps(info))
     accel.end_training()
 
 

@@ -38,6 +38,13 @@ def test_two_processes_match_one_process_with_the_same_global_batch(hc18_store, 
     assert logs[0]["losses"] == pytest.approx(logs[1]["losses"], abs=1e-5)
 
 
+def test_memory_bank_is_identical_on_every_rank(hc18_store, tmp_path):
+    _run([*LAUNCH, str(SCRIPT), hc18_store, str(tmp_path), "1", "memory"])
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # 3 steps x 2 ranks x 1 image = 6 candidates for 4 slots: inserts and replacements happened
+    assert ranks[0]["entries"] == 4 and ranks[0]["bank"] == ranks[1]["bank"]
+
+
 def test_quickstart_under_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [*LAUNCH, "-m", "samed2_kit.cli", "quickstart", "--out", str(out), "train.steps=3",

@@ -45,6 +45,10 @@ def _recipe(*extra):
 def _train(recipe, store, run, resume=False):
     torch.manual_seed(0)
     model = build_model("test-tiny", None, 64)
+    if recipe.memory is not None:
+        from samed2_kit.memory import attach_memory
+
+        attach_memory(model, recipe.memory)
     model, result, _ = train(recipe, model, store, run, resume=resume, progress=False)
     return model, [h.loss for h in result.history]
 
@@ -107,3 +111,16 @@ def test_forgetting_and_gain_from_the_dice_matrix():
     f = forgetting_table(matrix, ["us", "ct"])
     assert f["us"]["gain"] == pytest.approx(0.8) and f["us"]["forgetting"] == pytest.approx(0.2)
     assert f["ct"]["gain"] == pytest.approx(0.55) and f["ct"]["forgetting"] == pytest.approx(0.0)
+
+
+def test_resume_with_a_memory_bank_is_exact(hc18_store, tmp_path):
+    recipe = _recipe("memory={threshold: 0.0, capacity: 3, top_k: 2}")
+    model, whole = _train(recipe, hc18_store, tmp_path / "a")
+    assert (ckpt.checkpoint_dirs(tmp_path / "a")[-1] / "memory.safetensors").is_file()
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-000006")
+    resumed, rest = _train(recipe, hc18_store, tmp_path / "b", resume=True)
+    assert rest == whole[4:]
+    assert (
+        resumed.memory.bank.digest() == model.memory.bank.digest() and len(model.memory.bank) == 3
+    )
