@@ -129,7 +129,7 @@ def test_empty_bank_equals_no_memory_and_entries_condition_the_features():
         bank = model.memory.bank
         model.memory.bank = ConfidenceMemory(bank.cfg, bank.model)
         empty = model(x, p).low_res_logits
-        mem, model.memory = model.memory, None
+        model.memory = None
         plain = model(x, p).low_res_logits
     assert torch.equal(empty, plain)
     assert not torch.allclose(with_entries, plain)
@@ -142,7 +142,7 @@ def test_training_never_retrieves_the_own_case():
         model.train()
         own = model(x, p, meta=meta).low_res_logits
         other = model(x, p, meta={"case_id": ["b", "b"]}).low_res_logits
-        mem, model.memory = model.memory, None
+        model.memory = None
         plain = model(x, p, meta=meta).low_res_logits
     assert torch.equal(own, plain) and not torch.allclose(other, plain)
 
