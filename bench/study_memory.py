@@ -1,0 +1,121 @@
+"""Study: the confidence memory on the real 2D sets in ../shared/data (skips when absent).
+
+Same init (seed), same data order, same steps in every arm; test-tiny from random init at 256 px
+(CPU budget); held-out Dice with box prompts.
+
+1. Joint training on two tasks (breast-lesion ultrasound, BUSI; colon polyps, Kvasir-SEG):
+   without memory / with memory (k=4, partition per task).
+2. Continual: stage 1 breast lesions (ultrasound), stage 2 polyps (endoscopy): no memory and no
+   replay / memory (the stage-1 partition survives stage 2 and is retrieved at test time) /
+   16 replayed stage-1 examples without memory (the reference). Forgetting = Dice on stage 1's
+   test cases after stage 1 minus after stage 2.
+
+    .venv/bin/python bench/study_memory.py [--steps 500] [--out /tmp/study-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+SPEC = """name: study-memory
+split: {{train: 0.7, val: 0.15, test: 0.15}}
+seed: 0
+max_size: 512
+sources:
+  - {{name: busi, layout: pairs, root: {root}/busi, image: "images/{{id}}.png",
+     mask: "masks/{{id}}_mask{{label}}.png", modality: us, task: breast_lesion, licence: unverified}}
+  - {{name: kvasir_seg, layout: pairs, root: {root}/kvasir_seg, image: "images/{{id}}.jpg",
+     mask: "masks/{{id}}.jpg", modality: endoscopy, task: polyp,
+     licence: research-and-education-only}}
+"""
+
+MEMORY = "memory={threshold: 0.6, capacity: 64, top_k: 4, partition_by: task}"
+
+
+def base(args, spec: Path, store: Path) -> list[str]:
+    return ["model.variant=test-tiny", "model.image_size=256", f"data.spec={spec}",
+            f"data.store={store}", "train.batch_size=4", "train.lr=0.0005",
+            "train.warmup_steps=20", "train.mixed_precision=no", "train.seed=0",
+            "train.tensorboard=false", "eval.split=test"]  # fmt: skip
+
+
+def joint(args, common: list[str], memory: bool) -> dict:
+    from samed2_kit.config import load_recipe
+    from samed2_kit.engine.run import run_recipe
+
+    over = [*common, f"train.steps={args.steps}", "data.tasks=[breast_lesion, polyp]"]
+    name = "joint-memory" if memory else "joint-plain"
+    recipe = load_recipe(None, over + ([MEMORY] if memory else []))
+    summary = run_recipe(recipe, args.out / name, progress=False, overwrite=True)
+    out = {t: s["dice"] for t, s in summary["per_task"].items()}
+    return out | {"all": summary["overall"]["dice"], "entries": entries(args.out / name)}
+
+
+def entries(run: Path) -> str:
+    """Entries per partition of the bank a run saved ("-" without memory)."""
+    from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory
+
+    if not (run / MEMORY_FILE).is_file():
+        return "-"
+    bank = ConfidenceMemory.load(run / MEMORY_FILE)
+    return ", ".join(f"{r['partition']} {r['entries']}" for r in bank.table()) or "0"
+
+
+def continual(args, common: list[str], arm: str) -> dict:
+    from samed2_kit.config import load_recipe
+    from samed2_kit.engine.continual import run_continual
+
+    replay = 16 if arm == "replay" else 0
+    stages = (f"continual={{stages: [{{name: us, tasks: [breast_lesion], steps: {args.steps}}}, "
+              f"{{name: endo, tasks: [polyp], steps: {args.steps}, replay: {replay}}}]}}")  # fmt: skip
+    recipe = load_recipe(None, [*common, stages] + ([MEMORY] if arm == "memory" else []))
+    result = run_continual(recipe, args.out / f"continual-{arm}", progress=False, overwrite=True)
+    return result["forgetting"] | {"entries": entries(args.out / f"continual-{arm}")}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--out", type=Path, default=Path("/tmp/study-memory"))
+    p.add_argument("--only", choices=["joint", "continual"])
+    args = p.parse_args()
+    if not SHARED.is_dir():
+        print(f"{SHARED} is absent: this study reads the in-house data beside the project")
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
+    spec = args.out / "spec.yaml"
+    spec.write_text(SPEC.format(root=SHARED))
+    common = base(args, spec, args.out / "store")
+    results = {}
+    if args.only != "continual":
+        results["joint"] = {
+            arm: joint(args, common, arm == "memory") for arm in ("plain", "memory")
+        }
+        print(f"\nJoint training, {args.steps} steps x batch 4, test Dice (box prompts)\n")
+        print(
+            "| arm | breast_lesion | polyp | all | bank entries |\n| --- | --- | --- | --- | --- |"
+        )
+        for arm, r in results["joint"].items():
+            print(f"| {arm} | {r['breast_lesion']:.3f} | {r['polyp']:.3f} | {r['all']:.3f} | "
+                  f"{r['entries']} |")  # fmt: skip
+    if args.only != "joint":
+        results["continual"] = {
+            a: continual(args, common, a) for a in ("plain", "memory", "replay")
+        }
+        print(f"\nContinual: ultrasound then endoscopy, {args.steps} steps each, test Dice\n")
+        print("| arm | US after stage 1 | US at the end | forgetting | endo gain | bank entries |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for arm, f in results["continual"].items():
+            us, endo = f["us"], f["endo"]
+            print(f"| {arm} | {us['dice_after_own_stage']:.3f} | {us['dice_at_end']:.3f} | "
+                  f"{us['forgetting']:+.3f} | {endo['gain']:+.3f} | {f['entries']} |")  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
