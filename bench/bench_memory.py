@@ -12,7 +12,7 @@
    of repeats run alternately. Goal: <= 1.25x.
 
     .venv/bin/python bench/bench_memory.py [--sizes 1000,10000,100000] [--key-dims 256,64]
-        [--real-size 1024] [--step-size 256] [--batch 4] [--repeats 5] [--threads 2]
+        [--real-size 1024] [--step-size 256] [--batch 4] [--ks 1,4] [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -45,14 +45,17 @@ def fill(bank: ConfidenceMemory, n: int, key_dim: int, feat_shape, budget_s: flo
     goes in by bulk assignment of the bank's tensors. Returns how many went which way and the
     seconds per `add`."""
     gen = torch.Generator().manual_seed(0)
-    t0, added = time.perf_counter(), 0
+    t0, added, in_add = time.perf_counter(), 0, 0.0
     while added < n and time.perf_counter() - t0 < budget_s:
         entry = random_entry(gen, key_dim, feat_shape, f"case{added // 8}", added)
-        assert bank.add(entry) == "inserted"
+        t = time.perf_counter()
+        outcome = bank.add(entry)
+        in_add += time.perf_counter() - t
+        assert outcome == "inserted", outcome
         added += 1
-    per_add = (time.perf_counter() - t0) / max(added, 1)
+    per_add = in_add / max(added, 1)
     rest = n - added
-    if rest:  # bulk: the same layout `add` writes, every entry in partition "task0"..."task3"
+    if rest:  # bulk: what `add` would write for the same entries (all inserted: capacity >= n)
         e = random_entry(gen, key_dim, feat_shape, "x", 0)
         bank._alloc(e, n)
         keys = F.normalize(torch.randn(rest, key_dim, generator=gen), dim=1)
@@ -61,10 +64,8 @@ def fill(bank: ConfidenceMemory, n: int, key_dim: int, feat_shape, budget_s: flo
         bank.conf[added:n] = 0.5 + 0.5 * torch.rand(rest, generator=gen)
         bank.case[added:n] = torch.tensor([case_code(f"case{i // 8}") for i in range(added, n)])
         bank.step[added:n] = torch.arange(added, n)
-        for name in ("task0", "task1", "task2", "task3"):
-            bank._part_index(name)
-        bank.part[added:n] = torch.tensor([bank.partitions.index(f"task{i % 4}")
-                                           for i in range(added, n)])  # fmt: skip
+        names = [bank.partition_of("ct", f"task{i % 4}") for i in range(added, n)]
+        bank.part[added:n] = torch.tensor([bank._part_index(name) for name in names])
         bank.meta += [{"modality": "ct", "task": f"task{i % 4}", "case_id": f"case{i // 8}"}
                       for i in range(added, n)]  # fmt: skip
         bank.n = n
@@ -111,7 +112,7 @@ def bench_topk(sizes: list[int], key_dims: list[int], calls: int, budget_s: floa
 
 
 def real_entry(size: int, variant: str):
-    """(entry, key dim of the model's memory, seconds) from one forward at `size` px."""
+    """(entry, seconds to build the model and make it) from one forward at `size` px."""
     torch.manual_seed(0)
     t = time.perf_counter()
     model = build_model(variant, image_size=size).eval()
@@ -177,13 +178,15 @@ def timed_round(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: int, k: int):
+def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: int, ks):
+    """Median seconds per training step: plain sam2, ours without memory, ours with memory at
+    each k in `ks` (the same model and bank); plus the parts of the memory step on their own."""
     from bench_wrapper import direct_sam2
 
     torch.manual_seed(0)
     model = build_model(variant, image_size=size).train()
     sam = model.sam
-    cfg = MemoryConfig(threshold=0.0, top_k=k, capacity=fill_entries, partition_by="none")
+    cfg = MemoryConfig(threshold=0.0, top_k=max(ks), capacity=fill_entries, partition_by="none")
     mem = attach_memory(model, cfg)
     images = torch.randn(batch, 3, size, size)
     boxes = torch.tensor([[0.2, 0.2, 0.7, 0.8]]).repeat(batch, 1) * size
@@ -212,15 +215,19 @@ def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: 
 
         return go
 
-    def ours_memory():
-        out = model(images, Prompts(boxes=boxes), meta=meta)
-        loss = dice_bce(out.low_res_logits.float(), target)
-        loss.backward()
-        entries = mem.candidates(sam, out, meta, step_no[0])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        mem.commit(entries)  # as the loop: after the optimizer step
-        step_no[0] += 1
+    def with_memory(k):
+        def go():  # as the training loop: candidates after backward, commit after the step
+            bank.cfg.top_k = k
+            out = model(images, Prompts(boxes=boxes), meta=meta)
+            loss = dice_bce(out.low_res_logits.float(), target)
+            loss.backward()
+            entries = mem.candidates(sam, out, meta, step_no[0])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            mem.commit(entries)
+            step_no[0] += 1
+
+        return go
 
     def without(fn):  # the same model, memory detached for the call
         def go():
@@ -235,15 +242,45 @@ def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: 
     fns = {
         "sam2": step(lambda: direct_sam2(sam, images, boxes)[0]),
         "ours": without(step(lambda: model(images, Prompts(boxes=boxes)).low_res_logits)),
-        "memory": ours_memory,
+        **{f"k={k}": with_memory(k) for k in ks},
     }
+    res = timed_round(fns, repeats)
+    # the parts on their own, at the largest k
+    bank.cfg.top_k = max(ks)
     with torch.no_grad():
         feats = model.encode(images, 1, meta)
-        rows, valid = bank.top_k(mem.keys(sam, feats), [f"q{j}" for j in range(batch)])
-    retrieved = int(valid.sum(1).min())
-    res = timed_round(fns, repeats)
-    return res, {"entries": len(bank), "fill_s": fill_s, "retrieved": retrieved,
-                 "key_dim": bank.keys.shape[1], "features": tuple(bank.features.shape[1:])}  # fmt: skip
+        _, valid = bank.top_k(mem.keys(sam, feats), [f"q{j}" for j in range(batch)])
+        out = model(images, Prompts(boxes=boxes), meta=meta)
+    entries = mem.candidates(sam, out, meta, 0)
+    parts = timed_round({
+        "read + memory attention (forward)": lambda: mem.condition(sam, feats, meta),
+        "candidates (memory encoder)": lambda: mem.candidates(sam, out, meta, 0),
+        "commit": lambda: mem.commit(entries),
+    }, repeats)  # fmt: skip
+    mem.writing = False
+    info = {"entries": len(bank), "fill_s": fill_s, "retrieved": int(valid.sum(1).min()),
+            "key_dim": bank.keys.shape[1], "features": tuple(bank.features.shape[1:])}  # fmt: skip
+    return res, parts, info
+
+
+def print_step(args, ks, res, parts, info) -> None:
+    print("## 3. training-step overhead\n")
+    print(f"`{args.variant}` at {args.step_size} px, batch {args.batch}, fp32, every parameter "
+          "trainable; step = forward + Dice/BCE + backward + AdamW; with memory also `candidates` + "
+          f"`commit`, as the training loop (bank: {info['entries']} entries of this model, key dim "
+          f"{info['key_dim']}, features {info['features']}, filled in {info['fill_s']:.1f} s; "
+          f"{info['retrieved']} entries retrieved per image at k={max(ks)}); median of "
+          f"{args.repeats} repeats run in turn.\n")  # fmt: skip
+    print("| step | seconds | vs plain SAM 2 | vs ours without memory | goal <= 1.25x |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    names = {"sam2": "plain SAM 2 modules", "ours": "SAMed2Model, no memory",
+             **{f"k={k}": f"SAMed2Model + memory, k={k}" for k in ks}}  # fmt: skip
+    for key, label in names.items():
+        ratio = res[key] / res["ours"]
+        ok = ("yes" if ratio <= 1.25 else "no") if key.startswith("k=") else ""
+        print(f"| {label} | {res[key]:.3f} | {res[key] / res['sam2']:.3f}x | {ratio:.3f}x | {ok} |")
+    print(f"\nParts of the memory step on their own (k={max(ks)}, no grad): "
+          + "; ".join(f"{name} {sec * 1e3:.0f} ms" for name, sec in parts.items()) + ".\n")  # fmt: skip
 
 
 def main() -> None:
@@ -260,7 +297,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--fill", type=int, default=64, help="bank entries for the training step")
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--ks", default="1,4", help="k values (entries read per image) to time")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip", default="", help="comma list of parts to skip: topk,bytes,step")
     args = ap.parse_args()
@@ -274,24 +311,10 @@ def main() -> None:
     if "bytes" not in skip:
         bench_bytes(args.variant, args.real_size)
     if "step" not in skip:
-        r, info = bench_step(args.variant, args.step_size, args.batch, args.repeats, args.fill,
-                             args.k)  # fmt: skip
-        print("## 3. training-step overhead\n")
-        print(f"`{args.variant}` at {args.step_size} px, batch {args.batch}, fp32, every parameter "
-              f"trainable; step = forward + Dice/BCE + backward + AdamW; with memory also "
-              f"`candidates` + `commit` (bank: {info['entries']} entries of this model, key dim "
-              f"{info['key_dim']}, features {info['features']}, filled in {info['fill_s']:.1f} s; "
-              f"k={args.k}, {info['retrieved']} retrieved per image); median of {args.repeats} "
-              "alternating repeats.\n")  # fmt: skip
-        print("| step | seconds | vs plain SAM 2 | vs ours without memory | goal <= 1.25x |")
-        print("| --- | ---: | ---: | ---: | --- |")
-        names = {"sam2": "plain SAM 2 modules", "ours": "SAMed2Model, no memory",
-                 "memory": f"SAMed2Model + memory (k={args.k})"}  # fmt: skip
-        for key, label in names.items():
-            ok = ("yes" if r[key] / r["ours"] <= 1.25 else "no") if key == "memory" else ""
-            print(f"| {label} | {r[key]:.3f} | {r[key] / r['sam2']:.3f}x | "
-                  f"{r[key] / r['ours']:.3f}x | {ok} |")  # fmt: skip
-        print()
+        ks = [int(k) for k in args.ks.split(",")]
+        res, parts, info = bench_step(args.variant, args.step_size, args.batch, args.repeats,
+                                      args.fill, ks)  # fmt: skip
+        print_step(args, ks, res, parts, info)
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 

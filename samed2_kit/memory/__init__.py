@@ -1,8 +1,20 @@
 """Confidence-driven memory (SAMed-2): a bank of compact keys + memory-encoder features of
-confident predictions, read through SAM 2 memory attention."""
+confident predictions, read through SAM 2 memory attention.
 
-from samed2_kit.memory.bank import ConfidenceMemory, Entry, MemoryConfig
-from samed2_kit.memory.module import MEMORY_FILE, MemoryConditioner, attach_memory
+The names below load on first use (PEP 562), so `samed2_kit.memory.cli` (the `samed2 memory`
+parser, built on every `samed2` call) does not import torch.
+"""
+
+import importlib
+
+_WHERE = {
+    "ConfidenceMemory": "bank",
+    "Entry": "bank",
+    "MemoryConfig": "bank",
+    "MEMORY_FILE": "module",
+    "MemoryConditioner": "module",
+    "attach_memory": "module",
+}
 
 __all__ = [
     "MEMORY_FILE",
@@ -12,3 +24,15 @@ __all__ = [
     "MemoryConfig",
     "attach_memory",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

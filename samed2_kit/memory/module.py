@@ -61,7 +61,8 @@ class MemoryConditioner(nn.Module):
             if self._proj is None or self._proj.shape[0] != pooled.shape[1]:
                 gen = torch.Generator().manual_seed(0)
                 self._proj = torch.randn(pooled.shape[1], d, generator=gen) / d**0.5
-            pooled = pooled @ self._proj.to(pooled.device)
+            self._proj = self._proj.to(pooled.device)
+            pooled = pooled @ self._proj
         return F.normalize(pooled, dim=1)
 
     def condition(self, sam, feats: ImageFeatures, meta: dict) -> ImageFeatures:

@@ -162,3 +162,14 @@ def test_evaluation_and_the_predictor_never_change_the_bank(hc18_store):
     pred.predict(box=[5, 5, 30, 30])
     assert model.memory.bank.digest() == before and len(model.memory.bank) == 2
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_an_emptied_bank_loads_and_keys_of_another_width_are_refused(tmp_path):
+    b = _bank()
+    b.add(_e(_key(1), 0.9))
+    b.keep(torch.zeros(0, dtype=torch.int64))
+    back = ConfidenceMemory.load(b.save(tmp_path / "empty.safetensors"))
+    assert len(back) == 0 and back.table()[0]["entries"] == 0
+    b.add(_e(_key(1), 0.9))
+    with pytest.raises(ValueError, match="another model, memory.key_pool or memory.key_dim"):
+        b.top_k(torch.ones(1, 16))
