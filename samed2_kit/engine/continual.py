@@ -15,7 +15,8 @@ earlier stages use are not touched.
     out_dir/
       run.json, report.md, continual.json (matrix, forgetting, gain), per_case.csv (last stage)
       stage-1-<name>/   checkpoints/, train_log.jsonl, tensorboard/, weights.safetensors (the
-                        whole model after the stage), eval.json (the matrix row)
+                        whole model after the stage), memory.safetensors (the bank then, with
+                        memory), eval.json (the matrix row; written last)
       model.safetensors, model.json     the final model
 """
 
@@ -204,6 +205,13 @@ def run_continual(
         use_stage_adapter(model, recipe, stage)
         if resume and (folder / STAGE_WEIGHTS).is_file() and (folder / STAGE_EVAL).is_file():
             model.load_state_dict(load_file(str(folder / STAGE_WEIGHTS)))
+            if model.memory is not None:  # the bank as that stage left it
+                from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory
+
+                bank = model.memory.bank
+                model.memory.bank = ConfidenceMemory.load(
+                    folder / MEMORY_FILE, bank.model, bank.cfg
+                )
             matrix.append(json.loads((folder / STAGE_EVAL).read_text()))
             continue
         sr = stage_recipe(recipe, stage)
@@ -220,7 +228,9 @@ def run_continual(
                     k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                 }
                 save_file(state_dict, str(tmp))
-            write_text(folder / STAGE_EVAL, json.dumps(row, indent=2))
+            if model.memory is not None:
+                model.memory.bank.save(folder / "memory.safetensors")
+            write_text(folder / STAGE_EVAL, json.dumps(row, indent=2))  # last: marks it finished
         state.wait_for_everyone()
     result = {"matrix": matrix, "forgetting": forgetting_table(matrix, names)}
     if main:

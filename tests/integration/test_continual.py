@@ -8,6 +8,7 @@ from pathlib import Path
 from samed2_kit.adapters.freeze import matching
 from samed2_kit.adapters.lora import LoraSpec, inject_lora
 from samed2_kit.engine.continual import adapter_pattern
+from samed2_kit.memory import ConfidenceMemory
 from samed2_kit.model import build_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,10 +35,17 @@ def _run(out, *extra):
 def test_two_stages_report_forgetting_and_gain(tmp_path):
     stages = ("continual={stages: [{name: us, tasks: [fetal_head], steps: 3},"
               " {name: ct, tasks: [abdomen_ct_organs], steps: 3, replay: 4}]}")  # fmt: skip
-    r = _run(tmp_path / "run", stages)
+    memory = "memory={threshold: 0.0, capacity: 3, top_k: 2}"
+    r = _run(tmp_path / "run", stages, memory)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "continual.json").read_text())
     assert [row["after"] for row in result["matrix"]] == ["start", "us", "ct"]
+    # one bank across stages: the ultrasound partition survives the CT stage
+    bank = ConfidenceMemory.load(tmp_path / "run" / "memory.safetensors")
+    assert {r["partition"]: r["entries"] for r in bank.table()} == {
+        "fetal_head": 3,
+        "abdomen_ct_organs": 3,
+    }
     f = result["forgetting"]["us"]
     assert f["forgetting"] == f["dice_after_own_stage"] - f["dice_at_end"]
     report = (tmp_path / "run" / "report.md").read_text()
@@ -56,17 +64,19 @@ def test_two_stages_report_forgetting_and_gain(tmp_path):
     )
 
     # resuming a finished run re-uses both stages and gives the same matrix
-    r = _run(tmp_path / "run", stages, "--resume")
+    r = _run(tmp_path / "run", stages, memory, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads((tmp_path / "run" / "continual.json").read_text())
     assert again["matrix"] == result["matrix"]
+    assert ConfidenceMemory.load(tmp_path / "run" / "memory.safetensors").digest() == bank.digest()
 
 
 def test_one_adapter_set_per_stage_leaves_the_first_stage_untouched(tmp_path):
     stages = ("continual={stages: [{name: us, tasks: [fetal_head], steps: 3, adapter: us,"
               " trainable: [mask_decoder]}, {name: ct, tasks: [abdomen_ct_organs], steps: 3,"
               " adapter: ct}]}")  # fmt: skip
-    r = _run(tmp_path / "run", stages, "adapters.lora={preset: encoder-attn, rank: 2}")
+    lora = "adapters.lora={preset: encoder-attn, rank: 2}"
+    r = _run(tmp_path / "run", stages, lora, "memory=null")  # memory would be shared by stages
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads((tmp_path / "run" / "continual.json").read_text())
     # stage 2 trains only its own set, so the ultrasound Dice (with set "us") cannot move
