@@ -3,12 +3,16 @@
 Same init (seed), same data order, same steps in every arm; test-tiny from random init at 256 px
 (CPU budget); held-out Dice with box prompts.
 
-1. Joint training on two tasks (breast-lesion ultrasound, BUSI; colon polyps, Kvasir-SEG):
-   without memory / with memory (k=4, partition per task).
-2. Continual: stage 1 breast lesions (ultrasound), stage 2 polyps (endoscopy): no memory and no
-   replay / memory (the stage-1 partition survives stage 2 and is retrieved at test time) /
+1. Joint training on two ultrasound tasks (fetal head, HC18; breast lesions, BUSI): without
+   memory / with memory (k=4, threshold 0.5, partition per task).
+2. Continual: stage 1 fetal head (ultrasound), stage 2 polyps (endoscopy, Kvasir-SEG): no memory
+   and no replay / memory (the stage-1 partition survives stage 2 and is retrieved at test time) /
    16 replayed stage-1 examples without memory (the reference). Forgetting = Dice on stage 1's
    test cases after stage 1 minus after stage 2.
+
+From random init a 1.3 M-parameter model reaches confident predictions (the memory's writes) only
+on the easier tasks within a CPU budget (500 steps on BUSI + Kvasir: Dice 0.23, no entry ever
+reached confidence 0.6): hence fetal head in both parts.
 
     .venv/bin/python bench/study_memory.py [--steps 500] [--out /tmp/study-memory]
 """
@@ -27,6 +31,10 @@ split: {{train: 0.7, val: 0.15, test: 0.15}}
 seed: 0
 max_size: 512
 sources:
+  - {{name: hc18, layout: pairs, root: {root}/hc18, image: "images/{{id}}HC.png",
+     mask: "masks/{{id}}HC_Annotation.png", case: '^(\\d+)',
+     spacing_csv: training_set_pixel_size_and_HC.csv, modality: us, task: fetal_head,
+     licence: CC-BY-4.0}}
   - {{name: busi, layout: pairs, root: {root}/busi, image: "images/{{id}}.png",
      mask: "masks/{{id}}_mask{{label}}.png", modality: us, task: breast_lesion, licence: unverified}}
   - {{name: kvasir_seg, layout: pairs, root: {root}/kvasir_seg, image: "images/{{id}}.jpg",
@@ -34,7 +42,7 @@ sources:
      licence: research-and-education-only}}
 """
 
-MEMORY = "memory={threshold: 0.6, capacity: 64, top_k: 4, partition_by: task}"
+MEMORY = "memory={threshold: 0.5, capacity: 64, top_k: 4, partition_by: task}"
 
 
 def base(args, spec: Path, store: Path) -> list[str]:
@@ -48,7 +56,7 @@ def joint(args, common: list[str], memory: bool) -> dict:
     from samed2_kit.config import load_recipe
     from samed2_kit.engine.run import run_recipe
 
-    over = [*common, f"train.steps={args.steps}", "data.tasks=[breast_lesion, polyp]"]
+    over = [*common, f"train.steps={args.steps}", "data.tasks=[fetal_head, breast_lesion]"]
     name = "joint-memory" if memory else "joint-plain"
     recipe = load_recipe(None, over + ([MEMORY] if memory else []))
     summary = run_recipe(recipe, args.out / name, progress=False, overwrite=True)
@@ -71,7 +79,7 @@ def continual(args, common: list[str], arm: str) -> dict:
     from samed2_kit.engine.continual import run_continual
 
     replay = 16 if arm == "replay" else 0
-    stages = (f"continual={{stages: [{{name: us, tasks: [breast_lesion], steps: {args.steps}}}, "
+    stages = (f"continual={{stages: [{{name: us, tasks: [fetal_head], steps: {args.steps}}}, "
               f"{{name: endo, tasks: [polyp], steps: {args.steps}, replay: {replay}}}]}}")  # fmt: skip
     recipe = load_recipe(None, [*common, stages] + ([MEMORY] if arm == "memory" else []))
     result = run_continual(recipe, args.out / f"continual-{arm}", progress=False, overwrite=True)
@@ -80,7 +88,7 @@ def continual(args, common: list[str], arm: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--out", type=Path, default=Path("/tmp/study-memory"))
     p.add_argument("--only", choices=["joint", "continual"])
     args = p.parse_args()
@@ -98,10 +106,10 @@ def main() -> None:
         }
         print(f"\nJoint training, {args.steps} steps x batch 4, test Dice (box prompts)\n")
         print(
-            "| arm | breast_lesion | polyp | all | bank entries |\n| --- | --- | --- | --- | --- |"
+            "| arm | fetal_head | breast_lesion | all | bank entries |\n| --- | --- | --- | --- | --- |"
         )
         for arm, r in results["joint"].items():
-            print(f"| {arm} | {r['breast_lesion']:.3f} | {r['polyp']:.3f} | {r['all']:.3f} | "
+            print(f"| {arm} | {r['fetal_head']:.3f} | {r['breast_lesion']:.3f} | {r['all']:.3f} | "
                   f"{r['entries']} |")  # fmt: skip
     if args.only != "joint":
         results["continual"] = {
