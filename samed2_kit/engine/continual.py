@@ -160,15 +160,12 @@ def run_continual(
     """Train the recipe's `continual.stages` in order, evaluating every stage's tasks after each;
     returns {"matrix", "forgetting"} ({} on other ranks). `resume` skips finished stages and
     continues the interrupted one from its newest checkpoint."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
     from safetensors.torch import load_file, save_file
 
     from samed2_kit.engine.items import items_from_store
-    from samed2_kit.engine.run import RUN_JSON, open_run_dir, prepare_store, validation
+    from samed2_kit.engine.run import build_run_model, start_run, validation
     from samed2_kit.engine.state import checkpoint_dirs
-    from samed2_kit.engine.train import inject_adapters, train
-    from samed2_kit.model.build import build_model
+    from samed2_kit.engine.train import train
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     stages = recipe.continual.stages
@@ -176,28 +173,12 @@ def run_continual(
     if len(set(names)) != len(names) or len(stages) < 2:
         raise ValueError(f"continual.stages {names}: give at least 2 stages with distinct names")
     out_dir = Path(out_dir or recipe.out_dir)
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    with state.main_process_first():
-        if state.is_main_process:
-            open_run_dir(out_dir, resume, overwrite)
-        store = prepare_store(recipe, out_dir)
+    state, store = start_run(recipe, out_dir, resume, overwrite)
     main = state.is_main_process
-    if main and not resume:
-        write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
     items = {s.name: items_from_store(store, recipe.eval.split, s.tasks) for s in stages}
 
-    m = recipe.model
-    torch.manual_seed(recipe.train.seed)
-    model = build_model(m.variant, m.checkpoint, m.image_size)
-    per_stage = any(s.adapter for s in stages)  # then each stage adds its own LoRA set
-    lora = None if per_stage else recipe.adapters.lora
-    inject_adapters(
-        model, dataclasses.replace(recipe, adapters=dataclasses.replace(recipe.adapters, lora=lora))
-    )
-    if recipe.memory is not None:  # one bank across stages: earlier partitions stay retrievable
-        from samed2_kit.memory import attach_memory
-
-        attach_memory(model, recipe.memory)
+    # with per-stage adapters each stage adds its own LoRA set; one memory bank across stages
+    model = build_run_model(recipe, lora=not any(s.adapter for s in stages))
     matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
     accel = None
     for i, stage in enumerate(stages):

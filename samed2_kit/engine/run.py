@@ -124,6 +124,47 @@ def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) 
     }
 
 
+def start_run(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool):
+    """Join the launch's processes, prepare the run folder and the store; returns (state, store).
+
+    The main process prepares folder and store first, the others then reuse them. PartialState
+    does not read ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU ranks would not
+    see each other."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from samed2_kit.utils.atomic import write_text
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    with state.main_process_first():
+        if state.is_main_process:
+            open_run_dir(out_dir, resume, overwrite)
+        store = prepare_store(recipe, out_dir)
+    if state.is_main_process and not resume:
+        write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
+    return state, store
+
+
+def build_run_model(recipe: Recipe, lora: bool = True):
+    """The recipe's model: seeded init (or checkpoint), adapters (LoRA unless `lora` is False),
+    the confidence memory when the recipe has one."""
+    import dataclasses
+
+    from samed2_kit.engine.train import inject_adapters
+    from samed2_kit.model.build import build_model
+
+    m = recipe.model
+    torch.manual_seed(recipe.train.seed)  # the random init (and any unloaded weights) by seed
+    model = build_model(m.variant, m.checkpoint, m.image_size)
+    adapters = recipe.adapters if lora else dataclasses.replace(recipe.adapters, lora=None)
+    inject_adapters(model, dataclasses.replace(recipe, adapters=adapters))
+    if recipe.memory is not None:
+        from samed2_kit.memory import attach_memory
+
+        attach_memory(model, recipe.memory)
+    return model
+
+
 def run_recipe(
     recipe: Recipe,
     out_dir: str | Path | None = None,
@@ -132,38 +173,17 @@ def run_recipe(
     overwrite: bool = False,
 ) -> dict:
     """Train and evaluate as the recipe says; returns the metrics summary ({} on other ranks)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine.items import items_from_store
-    from samed2_kit.engine.train import inject_adapters, train
-    from samed2_kit.model.build import build_model
-    from samed2_kit.utils.atomic import write_text
+    from samed2_kit.engine.train import train
 
     out_dir = Path(out_dir or recipe.out_dir)
-    # the main process prepares folder and store, the others then reuse them. PartialState does
-    # not read ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU ranks would not
-    # see each other
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    with state.main_process_first():
-        if state.is_main_process:
-            open_run_dir(out_dir, resume, overwrite)
-        store = prepare_store(recipe, out_dir)
-    if state.is_main_process and not resume:
-        write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
+    state, store = start_run(recipe, out_dir, resume, overwrite)
     # fail before training, not after it, when a split is missing
     eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
     validate = validation(recipe, store, recipe.data.tasks)
 
-    m = recipe.model
-    torch.manual_seed(recipe.train.seed)  # the random init (and any unloaded weights) by seed
-    model = build_model(m.variant, m.checkpoint, m.image_size)
-    inject_adapters(model, recipe)
-    if recipe.memory is not None:
-        from samed2_kit.memory import attach_memory
-
-        attach_memory(model, recipe.memory)
+    model = build_run_model(recipe)
     model, result, accel = train(
         recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
     )
