@@ -107,3 +107,19 @@ def test_param_groups_follow_the_policy_and_lr_multipliers():
     assert all(".temporal_adapter." in k or ".sam_mask_decoder." in k for k in trainable)
     with pytest.raises(ValueError, match="decoderr"):
         param_groups(m, _recipe("train.trainable=[decoderr]").train)
+
+
+def test_training_gives_the_temporal_adapters_whole_clips(hc18_store):
+    from samed2_kit.adapters.temporal import TemporalAdapter, TemporalAdapterConfig
+    from samed2_kit.engine.train import inject_adapters
+
+    recipe = _recipe("train.steps=2", "data.clip_len=3")
+    recipe.adapters.temporal = TemporalAdapterConfig()
+    m = build_model("test-tiny", image_size=128)
+    inject_adapters(m, recipe)
+    seen = []
+    for module in m.modules():
+        if isinstance(module, TemporalAdapter):
+            module.register_forward_pre_hook(lambda mod, args: seen.append(args[1]))
+    train(recipe, m, hc18_store, progress=False)
+    assert seen and set(seen) == {3}  # T=3 in every call (the loop once passed none: T=1)
