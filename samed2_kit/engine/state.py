@@ -5,7 +5,6 @@
                               frozen weights are not copied, their sha256 is (`frozen_sha256`)
       optimizer.safetensors   optimizer state tensors, keyed "<param index>.<name>"
       rng.safetensors         torch CPU (+ CUDA) generator states, per rank
-      extra.safetensors       state of prompt sources when the model has them (optional)
       memory.safetensors      the confidence memory bank, when the model has one
       state.json              written last: step, consumed micro-batches, scheduler state,
                               optimizer groups, Python/NumPy RNG states per rank, recipe digest,
@@ -133,7 +132,6 @@ def save(
     pos: Position,
     meta: dict,
     rng_by_rank: list[tuple[dict, dict]],
-    extra: dict[str, torch.Tensor] | None = None,
     keep_last: int = 3,
     writers: dict | None = None,
 ) -> Path:
@@ -150,8 +148,6 @@ def save(
     opt_tensors, opt_rest = flatten_optimizer(optimizer.state_dict())
     rng_tensors = {f"rank{r}.{k}": v for r, (t, _) in enumerate(rng_by_rank) for k, v in t.items()}
     files = {"weights": trainable_state(model), "optimizer": opt_tensors, "rng": rng_tensors}
-    if extra:
-        files["extra"] = {k: v.detach().cpu().contiguous() for k, v in extra.items()}
     with atomic_path(dest, directory=True) as tmp:
         digests = {}
         for name, tensors in files.items():
@@ -209,12 +205,10 @@ def read_state(folder: Path) -> dict:
     return state
 
 
-def load(
-    folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0
-) -> tuple[Position, dict, dict[str, torch.Tensor]]:
-    """Restore model (trainable part), optimizer, scheduler and this rank's RNG from `folder`.
-
-    Returns (position, meta, extra tensors). The caller checks `meta` before calling this."""
+def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> Position:
+    """Restore model (trainable part), optimizer, scheduler and this rank's RNG from `folder`;
+    returns the position. The caller checks `read_state(folder)["meta"]` before calling this;
+    files of `writers` (the memory bank) are read by their owners."""
     from safetensors.torch import load_file
 
     state = read_state(folder)
@@ -248,6 +242,4 @@ def load(
         )
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
     set_rng_state(mine, state["rng"][rank])
-    extra_path = folder / "extra.safetensors"
-    extra = load_file(str(extra_path)) if extra_path.is_file() else {}
-    return Position(state["step"], state["consumed"]), state["meta"], extra
+    return Position(state["step"], state["consumed"])

@@ -262,7 +262,7 @@ def train(
             raise ValueError(f"nothing to resume: {run_dir} has no checkpoints/step-* folder")
         meta = ckpt.read_state(found[-1])["meta"]
         check_resume(meta, want, found[-1])
-        pos, _, _ = ckpt.load(found[-1], raw, opt, sched, accelerator.process_index)
+        pos = ckpt.load(found[-1], raw, opt, sched, accelerator.process_index)
         if mem is not None:
             from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory
 
