@@ -91,7 +91,7 @@ def cmd_eval(args) -> int:
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine import report
     from samed2_kit.engine.checkpoint import load_model
-    from samed2_kit.engine.items import items_from_store
+    from samed2_kit.engine.items import items_from_store, model_supports
 
     run = Path(args.weights)
     if not run.exists():
@@ -107,7 +107,9 @@ def cmd_eval(args) -> int:
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     items = items_from_store(store, cfg.split, recipe.data.tasks)
     model = load_model(folder, device=state.device)
-    rows, _ = ev.evaluate(model, items, cfg, progress=state.is_main_process)
+    d = recipe.data
+    sup = model_supports(model, store, d.train_split, d.tasks, cfg.supports)
+    rows, _ = ev.evaluate(model, items, cfg, progress=state.is_main_process, supports=sup)
     if state.is_main_process:
         summary = ev.summarize(rows)
         info = _eval_info(folder, store, cfg, state.num_processes)

@@ -20,6 +20,7 @@ from samed2_kit.adapters.temporal import TemporalAdapterConfig
 from samed2_kit.losses import LossConfig
 from samed2_kit.memory.bank import MemoryConfig
 from samed2_kit.prompts import PromptConfig
+from samed2_kit.sources.registry import SourcesConfig
 
 
 @dataclass
@@ -41,6 +42,9 @@ class DataConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     augment: bool = True
     num_workers: int = 0
+    # few-shot episodes: each training sample comes with a support (same task, another case),
+    # for the hard_prototypes source (`engine.episodes`); clip_len must be 1
+    episodes: bool = False
 
 
 @dataclass
@@ -85,7 +89,7 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0: off)")
 
 
-EVAL_PROTOCOLS = ("box", "point", "box+clicks")
+EVAL_PROTOCOLS = ("box", "point", "box+clicks", "support")
 MAX_EVAL_CLICKS = 20
 
 
@@ -93,12 +97,16 @@ MAX_EVAL_CLICKS = 20
 class EvalConfig:
     """Evaluation protocol (`samed2_kit.engine.evaluate`); values are checked on construction."""
 
-    prompt: str = "box"  # box | point | box+clicks (box, then corrective clicks from the errors)
+    # box | point | box+clicks (box, then corrective clicks from the errors) | support (few-shot:
+    # no prompt, the task's support examples only; needs the hard_prototypes source)
+    prompt: str = "box"
     clicks: int = 5  # corrective clicks after the box for box+clicks (0..20)
     nsd_tolerance_mm: float = 2.0  # NSD tolerance in mm for modalities not listed below
     nsd_tolerance_by_modality: dict[str, float] = field(default_factory=dict)  # {ct: 1.0, us: 2.0}
     split: str = "test"
     max_items: int | None = None  # at most this many items per task (the first, in store order)
+    # few-shot models: support examples per task, the first of the training split (by case)
+    supports: int = 1
 
     def __post_init__(self):
         if self.prompt not in EVAL_PROTOCOLS:
@@ -119,6 +127,12 @@ class EvalConfig:
         for key, tol in tolerances.items():
             if isinstance(tol, bool) or not isinstance(tol, int | float) or not 0 <= tol < 1e9:
                 raise ValueError(f"{key}={tol!r} is not a tolerance: set a number of mm >= 0")
+        if (
+            isinstance(self.supports, bool)
+            or not isinstance(self.supports, int)
+            or self.supports < 1
+        ):
+            raise ValueError(f"eval.supports={self.supports!r}: set an integer >= 1")
         n = self.max_items
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
             raise ValueError(
@@ -169,6 +183,7 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig | None = None  # confidence memory (SAMed-2); None: no memory
+    sources: SourcesConfig = field(default_factory=SourcesConfig)  # prompt sources (off)
     continual: ContinualConfig | None = None  # stages trained one after the other
     out_dir: str = "runs/quickstart"
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LossConfig", "LossOutput", "SegLoss", "real_iou"]
+__all__ = ["LossConfig", "LossOutput", "SegLoss", "boundary_loss", "real_iou"]
 
 
 @dataclass
@@ -24,15 +24,20 @@ class LossConfig:
         focal: MONAI ``FocalLoss(gamma=2, alpha=0.25)`` (sigmoid, pixel mean) on the mask logits.
         iou: MSE between the predicted IoU and the real IoU of ``(logits > 0)`` vs gt.
         object_score: BCE-with-logits on the object score; target is "gt is non-empty".
+        boundary: the BF1 boundary loss (`boundary_loss`, CoW's L_bound) on the chosen mask.
+        source: Dice + BCE on each prompt source's own prediction (`SAMed2Output.source_logits`,
+            e.g. the hard-prototype map), so the source learns directly, not only through its gate.
     """
 
     dice_ce: float = 1.0
     focal: float = 0.0
     iou: float = 1.0
     object_score: float = 1.0
+    boundary: float = 0.0
+    source: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("dice_ce", "focal", "iou", "object_score"):
+        for name in ("dice_ce", "focal", "iou", "object_score", "boundary", "source"):
             if float(getattr(self, name)) < 0:
                 raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}.")
         if self.dice_ce + self.focal + self.iou + self.object_score == 0:
@@ -83,6 +88,31 @@ def real_iou(mask_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
+def boundary_loss(
+    logits: torch.Tensor, gt: torch.Tensor, theta0: int = 3, theta: int = 5
+) -> torch.Tensor:
+    """BF1 boundary loss (Bokhovkin & Burnaev 2019; CoW's L_bound), per sample: (B,).
+
+    logits, gt: (B, 1, H, W). Boundaries are 1 - x's max-pool (theta0 x theta0) minus (1 - x), on
+    sigmoid probabilities and the target; each is widened by a theta x theta max-pool to measure
+    precision P (predicted boundary near the true one) and recall R; loss = 1 - 2PR / (P + R).
+    The foreground boundary only (the background's is the same curve for a binary mask).
+    """
+    p, y = torch.sigmoid(logits.float()), gt.float()
+
+    def edge(x: torch.Tensor) -> torch.Tensor:
+        inv = 1.0 - x
+        return F.max_pool2d(inv, theta0, stride=1, padding=theta0 // 2) - inv
+
+    pb, yb = edge(p), edge(y)
+    pb_ext = F.max_pool2d(pb, theta, stride=1, padding=theta // 2)
+    yb_ext = F.max_pool2d(yb, theta, stride=1, padding=theta // 2)
+    eps = 1e-7
+    precision = (pb * yb_ext).flatten(1).sum(1) / (pb.flatten(1).sum(1) + eps)
+    recall = (pb_ext * yb).flatten(1).sum(1) / (yb.flatten(1).sum(1) + eps)
+    return 1.0 - 2 * precision * recall / (precision + recall + eps)
+
+
 def _check_inputs(
     mask_logits: torch.Tensor, iou_pred: torch.Tensor, obj: torch.Tensor, gt: torch.Tensor
 ) -> None:
@@ -128,12 +158,16 @@ class SegLoss(torch.nn.Module):
         """(B, M, H, W) logits and targets -> {term: (B, M) unweighted loss}."""
         terms: dict[str, torch.Tensor] = {}
         if self.cfg.dice_ce > 0:
-            dice = self.dice(logits, target).flatten(1)  # (B, M)
-            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-            terms["dice_ce"] = dice + bce.flatten(2).mean(-1)
+            terms["dice_ce"] = self._dice_ce(logits, target)
         if self.cfg.focal > 0:
             terms["focal"] = self.focal_loss(logits, target).flatten(2).mean(-1)
         return terms
+
+    def _dice_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, M, H, W) logits and targets -> (B, M) soft Dice + pixel-mean BCE."""
+        dice = self.dice(logits, target).flatten(1)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        return dice + bce.flatten(2).mean(-1)
 
     def forward(
         self,
@@ -141,6 +175,7 @@ class SegLoss(torch.nn.Module):
         iou_pred: torch.Tensor,
         object_score_logits: torch.Tensor,
         gt: torch.Tensor,
+        source_logits: dict[str, torch.Tensor] | None = None,
     ) -> LossOutput:
         """Compute the loss.
 
@@ -149,6 +184,8 @@ class SegLoss(torch.nn.Module):
             iou_pred: (B, M) predicted IoU in [0, 1] (already sigmoid-ed by SAM 2).
             object_score_logits: (B, 1) object-presence logits.
             gt: (B, 1, H, W) float ground truth in {0, 1}; logits are upsampled to (H, W).
+            source_logits: {name: (B, 1, h, w)} prompt sources' own predictions (`source`
+                term, reported as `source/<name>`).
 
         Returns:
             :class:`LossOutput`.
@@ -188,4 +225,15 @@ class SegLoss(torch.nn.Module):
                 )
                 total = total + cfg.object_score * value
                 parts["object_score"] = float(value.detach())
+            if cfg.boundary > 0:
+                chosen = logits[rows, best][:, None]
+                value = (boundary_loss(chosen, target) * present).sum() / n_present
+                total = total + cfg.boundary * value
+                parts["boundary"] = float(value.detach())
+            for name, src in (source_logits or {}).items() if cfg.source > 0 else ():
+                src = _resize_to(src.float(), tuple(target.shape[-2:]))
+                per = self._dice_ce(src, target)[:, 0]
+                value = (per * present).sum() / n_present
+                total = total + cfg.source * value
+                parts[f"source/{name}"] = float(value.detach())
         return LossOutput(total=total, parts=parts, best_mask=best.long())

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-PROMPT_MODES = ("box", "point", "box+point")
+PROMPT_MODES = ("box", "point", "box+point", "none")
 
 
 @dataclass
 class PromptConfig:
-    """How to prompt: ``mode`` "box" | "point" | "box+point"; box jitter as a fraction of the box
+    """How to prompt: ``mode`` "box" | "point" | "box+point" | "none" (no prompt: few-shot
+    training, where a prompt source suggests the clicks); box jitter as a fraction of the box
     width/height per side; ``n_pos`` / ``n_neg`` positive / negative points."""
 
     mode: str = "box"

@@ -18,7 +18,8 @@ def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
     """Write `folder/model.safetensors` (the sam2 module's base weights, sam2's key names),
     `folder/model.json` (variant, image size, format version, `extra`) and, when the model has
     adapters, `folder/adapters-default.safetensors/.json` (samed2_kit.adapters.io), and with a
-    confidence memory, `folder/memory.safetensors`; atomically."""
+    confidence memory, `folder/memory.safetensors`, and with prompt sources, `folder/sources.json`
+    (their configs); atomically."""
     from safetensors.torch import save_file
 
     from samed2_kit.adapters.io import base_state_dict, has_adapters, save_adapters
@@ -39,6 +40,11 @@ def save_model(model, folder: str | Path, extra: dict | None = None) -> Path:
     write_text(folder / CONFIG, json.dumps(meta, indent=2, default=str))
     if has_adapters(model):
         save_adapters(model, folder)
+    from samed2_kit.sources.registry import SOURCES_FILE, sources_config
+
+    saved = sources_config(model)
+    if saved is not None:  # the sources' configs; their tensors are in the adapters file
+        write_text(folder / SOURCES_FILE, json.dumps(saved, indent=2))
     if getattr(model, "memory", None) is not None:
         from samed2_kit.memory import MEMORY_FILE
 
@@ -64,6 +70,11 @@ def load_model(folder_or_file: str | Path, device: str | torch.device | None = N
             raise ValueError(f"{cfg_path} lacks the field '{key}'; re-save the model")
     spec = ModelSpec(meta["variant"], int(meta["image_size"]))
     model = build_model(spec.variant, folder / WEIGHTS, spec.image_size, device, strict=True)
+    from samed2_kit.sources.registry import SOURCES_FILE, attach_saved
+
+    if (folder / SOURCES_FILE).is_file():  # attach the sources so their tensors have a place
+        attach_saved(model, json.loads((folder / SOURCES_FILE).read_text()), folder / SOURCES_FILE)
+        model.to(device or "cpu")
     if (folder / "adapters-default.json").is_file():
         from samed2_kit.adapters.io import load_adapters
 

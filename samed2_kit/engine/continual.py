@@ -178,7 +178,8 @@ def run_continual(
     items = {s.name: items_from_store(store, recipe.eval.split, s.tasks) for s in stages}
 
     # with per-stage adapters each stage adds its own LoRA set; one memory bank across stages
-    model = build_run_model(recipe, lora=not any(s.adapter for s in stages))
+    all_tasks = sorted({t for s in stages for t in s.tasks})  # the similarity prior's classes
+    model = build_run_model(recipe, lora=not any(s.adapter for s in stages), tasks=all_tasks)
     matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
     accel = None
     for i, stage in enumerate(stages):

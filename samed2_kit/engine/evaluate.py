@@ -13,6 +13,9 @@ Prompts come from the ground truth, deterministically (no random numbers), in or
   then prompted with the box, all clicks so far and the previous low-res logits as mask input
   (SAM's interactive protocol). When nothing is wrong any more, the remaining clicks keep the
   last Dice.
+- support (few-shot): no prompt from the ground truth; the model predicts from the support
+  examples of the item's task (`supports=`, given to a model with the hard_prototypes source).
+  With supports, the other protocols combine the prompt with the supports.
 
   The per-click Dice curve d_0..d_K (d_0 after the box) is summarised by its area:
   DICE_AUC = trapezoid area under d against the click number 0..K, divided by K, so it lies in
@@ -86,6 +89,8 @@ def gt_prompt(mask: np.ndarray, protocol: str) -> dict:
         raise ValueError(f"eval.prompt={protocol!r}: choose one of {', '.join(PROTOCOLS)}")
     if protocol in ("box", "box+clicks"):
         return {"box": box_from_mask(mask)}
+    if protocol == "support":
+        return {}
     y, x = innermost_pixel(mask)
     return {"point_coords": np.array([[x, y]], np.float32), "point_labels": np.array([1])}
 
@@ -244,8 +249,33 @@ def _module_state(model) -> dict:
     return {m: m.training for m in model.modules()}
 
 
+class _Supports:
+    """Sets the predictor's supports to those of each item's task (loading each task's once)."""
+
+    def __init__(self, predictor, supports: dict | None, protocol: str) -> None:
+        self.predictor, self.supports, self.protocol = predictor, supports or {}, protocol
+        self.task: str | None = None
+
+    def use(self, item) -> None:
+        if item.task == self.task:
+            return
+        chosen = self.supports.get(item.task)
+        if not chosen:
+            if self.protocol == "support":
+                raise ValueError(
+                    f"eval.prompt=support: no support examples for task {item.task!r} (have: "
+                    f"{sorted(self.supports)}); pass supports for every task evaluated"
+                )
+            self.predictor.clear_support()
+        else:
+            loaded = [s.load() for s in chosen]
+            self.predictor.set_support([i for i, _ in loaded], [m for _, m in loaded],
+                                       modality=chosen[0].intensity, window=chosen[0].window)  # fmt: skip
+        self.task = item.task
+
+
 def evaluate(
-    model, items: list, cfg: EvalConfig, progress: bool = True
+    model, items: list, cfg: EvalConfig, progress: bool = True, supports: dict | None = None
 ) -> tuple[list[CaseRow], list[np.ndarray]]:
     """Evaluate `model` on `EvalItem`s (`samed2_kit.engine.items`) under `cfg`'s protocol.
 
@@ -253,6 +283,9 @@ def evaluate(
     the input order of the items (at most `cfg.max_items` per task; items with an empty ground
     truth are skipped). Under torch.distributed each process evaluates items[rank::world] and every
     process returns all rows. The box baseline always uses the tight box.
+
+    supports: {task: [EvalItem, ...]} support examples per task (few-shot models); required for
+    `cfg.prompt == "support"`, combined with the prompt otherwise.
     """
     from tqdm.auto import tqdm
 
@@ -262,12 +295,14 @@ def evaluate(
     rank, world = _rank_world()
     flags = _module_state(model)
     predictor = Predictor(model)
+    tasks = _Supports(predictor, supports, cfg.prompt)
     local = []
     try:
         with torch.no_grad():
             mine = range(rank, len(items), world)
             desc = f"eval ({cfg.prompt})"
             for i in tqdm(mine, desc=desc, disable=not progress or rank != 0):
+                tasks.use(items[i])
                 out = evaluate_item(predictor, items[i], cfg)
                 if out is not None:
                     local.append((i, out[0], _pack(out[1])))

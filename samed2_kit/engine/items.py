@@ -77,3 +77,23 @@ def _no_items_message(store: str, split: str, tasks: list[str] | None, cols) -> 
         f"store {store} has no non-empty samples of tasks {tasks} in split {split!r}; "
         f"that split holds tasks {', '.join(found)} (set data.tasks accordingly)"
     )
+
+
+def supports_from_store(
+    store: str, split: str, tasks: list[str] | None, n: int = 1
+) -> dict[str, list[EvalItem]]:
+    """Support examples for few-shot evaluation: per task, the first `n` non-empty items of
+    `split` from distinct cases (store order), so the same supports serve every run."""
+    out: dict[str, list[EvalItem]] = {}
+    for it in items_from_store(store, split, tasks):
+        chosen = out.setdefault(it.task, [])
+        if len(chosen) < n and all(c.case_id != it.case_id for c in chosen):
+            chosen.append(it)
+    return out
+
+
+def model_supports(model, store: str, split: str, tasks: list[str] | None, n: int):
+    """`supports_from_store` for a model with the hard_prototypes source, else None."""
+    if "hard_prototypes" not in getattr(model, "prompt_sources", {}):
+        return None
+    return supports_from_store(store, split, tasks, n)

@@ -86,7 +86,7 @@ def validation(recipe: Recipe, store: str, tasks: list[str] | None):
     import dataclasses
 
     from samed2_kit.engine import evaluate as ev
-    from samed2_kit.engine.items import items_from_store
+    from samed2_kit.engine.items import items_from_store, model_supports
 
     t = recipe.train
     if not t.val_every:
@@ -97,7 +97,8 @@ def validation(recipe: Recipe, store: str, tasks: list[str] | None):
                               max_items=t.val_max_items or None)  # fmt: skip
 
     def validate(model) -> dict[str, float]:
-        rows, _ = ev.evaluate(model, items, cfg, progress=False)
+        sup = model_supports(model, store, recipe.data.train_split, tasks, recipe.eval.supports)
+        rows, _ = ev.evaluate(model, items, cfg, progress=False, supports=sup)
         per_task = ev.summarize(rows)["per_task"]
         return {f"dice/{task}": s["dice"] for task, s in per_task.items()}
 
@@ -145,9 +146,19 @@ def start_run(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool):
     return state, store
 
 
-def build_run_model(recipe: Recipe, lora: bool = True):
+def store_tasks(store: str, split: str) -> list[str]:
+    """The tasks of a store's split, sorted."""
+    from samed2_kit.medbank.store import open_store
+
+    _, _, samples = open_store(store)
+    cols = samples.select_columns(["split", "task"])
+    return sorted({t for s, t in zip(cols["split"], cols["task"], strict=True) if s == split})
+
+
+def build_run_model(recipe: Recipe, lora: bool = True, tasks: list[str] | None = None):
     """The recipe's model: seeded init (or checkpoint), adapters (LoRA unless `lora` is False),
-    the confidence memory when the recipe has one."""
+    the confidence memory and prompt sources when the recipe has them (`tasks`: the similarity
+    prior's classes unless the recipe lists them)."""
     import dataclasses
 
     from samed2_kit.engine.train import inject_adapters
@@ -162,6 +173,10 @@ def build_run_model(recipe: Recipe, lora: bool = True):
         from samed2_kit.memory import attach_memory
 
         attach_memory(model, recipe.memory)
+    if recipe.sources.any():
+        from samed2_kit.sources.registry import attach_sources
+
+        attach_sources(model, recipe.sources, tasks)
     return model
 
 
@@ -174,20 +189,23 @@ def run_recipe(
 ) -> dict:
     """Train and evaluate as the recipe says; returns the metrics summary ({} on other ranks)."""
     from samed2_kit.engine import evaluate as ev
-    from samed2_kit.engine.items import items_from_store
+    from samed2_kit.engine.items import items_from_store, model_supports
     from samed2_kit.engine.train import train
 
     out_dir = Path(out_dir or recipe.out_dir)
+    d = recipe.data
     state, store = start_run(recipe, out_dir, resume, overwrite)
     # fail before training, not after it, when a split is missing
     eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
     validate = validation(recipe, store, recipe.data.tasks)
 
-    model = build_run_model(recipe)
+    model = build_run_model(recipe, tasks=recipe.data.tasks or store_tasks(store, d.train_split))
     model, result, accel = train(
         recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
     )
-    rows, preds = ev.evaluate(model, eval_items, recipe.eval, progress and accel.is_main_process)
+    sup = model_supports(model, store, d.train_split, d.tasks, recipe.eval.supports)
+    rows, preds = ev.evaluate(model, eval_items, recipe.eval, progress and accel.is_main_process,
+                              supports=sup)  # fmt: skip
     summary = ev.summarize(rows)
     if accel.is_main_process:
         info = describe(recipe, result, accel, store, len(eval_items), out_dir.name)

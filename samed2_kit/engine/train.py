@@ -196,8 +196,27 @@ def _datasets(recipe: Recipe, data) -> list:
     from samed2_kit.engine.data import store_dataset
 
     if isinstance(data, str | bytes) or hasattr(data, "__fspath__"):
-        return [store_dataset(recipe, str(data), recipe.data.tasks, recipe.train.seed)]
+        data = [store_dataset(recipe, str(data), recipe.data.tasks, recipe.train.seed)]
+    if recipe.data.episodes:
+        from samed2_kit.engine.episodes import Episodes
+
+        data = [d if isinstance(d, Episodes) else Episodes(d, recipe.train.seed) for d in data]
     return list(data)
+
+
+def _support_kwargs(batch: dict) -> dict:
+    """Model keyword arguments for an episode batch's supports (support b serves query b)."""
+    if "support_image" not in batch:
+        return {}
+    n = len(batch["support_image"])
+    index = torch.arange(n, device=batch["support_image"].device)
+    return {"support_images": batch["support_image"], "support_masks": batch["support_mask"],
+            "support_index": index}  # fmt: skip
+
+
+def _stateful_sources(model) -> dict:
+    """Prompt sources that learn without gradients (`candidates` + `commit`), by name."""
+    return {n: s for n, s in model.prompt_sources.items() if hasattr(s, "commit")}
 
 
 def train(
@@ -254,6 +273,7 @@ def train(
     model, opt = accelerator.prepare(model, opt)
     raw = accelerator.unwrap_model(model)
     mem = raw.memory  # the confidence memory (None without): written from every rank's batches
+    stateful = _stateful_sources(raw)  # e.g. the similarity prior: updated like the memory
 
     pos = ckpt.Position()
     if resume:
@@ -292,19 +312,23 @@ def train(
         mem.writing = True  # only here: evaluation and prediction never write
     while pos.step < cfg.steps:
         total = torch.zeros((), device=accelerator.device)
-        entries = []
+        entries, updates = [], {name: [] for name in stateful}
         for micro in range(cfg.grad_accum):
             batch = to_device(next(batches), accelerator.device)
             sync = micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 prompts = batch_prompts(batch, recipe.data.prompt.mode)
                 meta = {k: batch[k] for k in ("case_id", "task", "modality")}
-                out = model(batch["image"], prompts, cfg.multimask, batch["clip_len"], meta)
-                loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"])
+                out = model(batch["image"], prompts, cfg.multimask, batch["clip_len"], meta,
+                            **_support_kwargs(batch))  # fmt: skip
+                loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
+                               out.source_logits)  # fmt: skip
                 accelerator.backward(loss.total / cfg.grad_accum)
             total += loss.total.detach() / cfg.grad_accum
             if mem is not None:
                 entries += mem.candidates(raw.sam, out, meta, pos.step + 1)
+            for name, src in stateful.items():
+                updates[name].append(src.candidates(out.encoder_features, batch["mask"], meta))
             pos.consumed += 1
             seen += len(batch["image"]) * world
         if cfg.clip_grad > 0:
@@ -317,6 +341,8 @@ def train(
         if mem is not None:  # every rank applies every rank's entries, in rank order
             mem.commit(gather_object(entries) if world > 1 else entries)
         mean_loss = float(accelerator.reduce(total, "mean"))  # over processes: the global batch
+        for name, src in stateful.items():  # the same: identical state on every rank
+            src.commit(gather_object(updates[name]) if world > 1 else updates[name], mean_loss)
         now = time.perf_counter()
         sps, seen, t_last = seen / max(now - t_last, 1e-9), 0, now
         entry = StepLog(pos.step, mean_loss, loss.parts, lr, sps)

@@ -153,6 +153,10 @@ class StoreDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def column(self, name: str) -> list:
+        """Column `name` of this dataset's samples, in item order (nothing is decoded)."""
+        return self._samples.select_columns([name]).select(self.rows)[name]
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -230,4 +234,8 @@ def collate_clips(batch: Sequence[dict]) -> dict:
         out[key] = out[key].repeat_interleave(t, dim=0)
     out["slice_index"] = torch.tensor([b["slice_index"] for b in batch], dtype=torch.int64)
     out["clip_len"] = t
+    if "support_image" in batch[0]:  # few-shot episodes (`engine.episodes`)
+        for key in ("support_image", "support_mask"):
+            out[key] = torch.stack([b[key] for b in batch])
+        out["support_id"] = [b["support_id"] for b in batch]
     return out

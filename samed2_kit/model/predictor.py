@@ -7,6 +7,13 @@ modality-aware intensity handling for medical images.
     pred = Predictor(build_model("tiny", checkpoint="sam2.1_hiera_tiny.pt"))
     pred.set_image(ct_slice_hu, modality="ct", window=(40, 400))
     masks, scores, logits = pred.predict(box=[120, 80, 300, 260], multimask_output=False)
+
+Few-shot (a model with the `hard_prototypes` source): give one or more annotated supports, then
+predict query images with no prompt, or with points/boxes as well:
+
+    pred.set_support(support_image, support_mask)
+    pred.set_image(query_image)
+    masks, scores, logits = pred.predict(multimask_output=False)
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class Predictor:
         self.mask_threshold = mask_threshold
         self._features: ImageFeatures | None = None
         self._orig_hw: tuple[int, int] | None = None
+        self._support = None  # samed2_kit.sources.Support, from set_support
         self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
 
     @property
@@ -65,6 +73,67 @@ class Predictor:
 
     def reset_image(self) -> None:
         self._features, self._orig_hw = None, None
+
+    @torch.no_grad()
+    def set_support(
+        self,
+        images,
+        masks,
+        modality: str = "auto",
+        window: tuple[float, float] | None = None,
+    ) -> None:
+        """Annotated support examples for few-shot prediction (replacing earlier ones).
+
+        Args:
+            images: one image (H, W) / (H, W, 3) array, or a list of them (any sizes).
+            masks: the matching (H, W) masks (bool or 0/1), one per image, each the size of
+                its image.
+            modality, window: intensity handling, as in `set_image`.
+        """
+        from samed2_kit.medbank.preprocess import normalize_intensity, resize_mask, to_model_input
+
+        if "hard_prototypes" not in self.model.prompt_sources:
+            raise ValueError(
+                "set_support needs a model with the hard_prototypes prompt source: train one "
+                "with a recipe that sets sources.hard_prototypes (e.g. recipes/few_shot.yaml)"
+            )
+        if isinstance(images, np.ndarray):  # one support; a list/tuple holds several
+            images, masks = [images], [masks]
+        images, masks = list(images), list(masks)
+        limit = self.model.prompt_sources["hard_prototypes"].cfg.max_supports
+        if len(images) != len(masks) or not images:
+            raise ValueError(f"set_support: {len(images)} images but {len(masks)} masks")
+        if len(images) > limit:
+            raise ValueError(
+                f"set_support: {len(images)} supports, more than the source allows "
+                f"(sources.hard_prototypes.max_supports={limit}): give at most {limit}, or "
+                "raise max_supports"
+            )
+        xs, ms = [], []
+        s = self.model.image_size
+        for k, (img, m) in enumerate(zip(images, masks, strict=True)):
+            img, m = np.asarray(img), np.asarray(m)
+            if m.ndim != 2 or img.shape[:2] != m.shape:
+                raise ValueError(
+                    f"support {k}: image {img.shape[:2]} and mask {m.shape} differ in size: "
+                    "give each mask at its image's size"
+                )
+            m = m > 0
+            if not m.any() or m.all():
+                what = "empty" if not m.any() else "all foreground"
+                raise ValueError(
+                    f"support {k}: the mask is {what}; a support needs foreground and "
+                    "background pixels: give a mask of the object on its image"
+                )
+            xs.append(to_model_input(normalize_intensity(img, modality=modality, window=window), s))
+            ms.append(resize_mask(np.ascontiguousarray(m), s))
+        self.model.eval()
+        dev = self.device
+        self._support = self.model.encode_support(torch.stack(xs).to(dev), torch.stack(ms).to(dev))
+        self.encoder_calls += 1
+
+    def clear_support(self) -> None:
+        self._support = None
 
     def _to_model_coords(self, xy: np.ndarray) -> np.ndarray:
         h, w = self._orig_hw
@@ -105,8 +174,11 @@ class Predictor:
         """
         if self._features is None:
             raise RuntimeError("call set_image(image) before predict(...)")
-        if point_coords is None and box is None and mask_input is None:
-            raise ValueError("predict needs at least one prompt: point_coords, box or mask_input")
+        if point_coords is None and box is None and mask_input is None and self._support is None:
+            raise ValueError(
+                "predict needs at least one prompt: point_coords, box or mask_input (or "
+                "set_support(...) first, for few-shot prediction without a prompt)"
+            )
         dev = self.device
         boxes = None
         if box is not None:
@@ -139,7 +211,8 @@ class Predictor:
                 )
             masks = mi.reshape(1, 1, low, low).expand(k, -1, -1, -1).to(dev)
         feats = self._features.select(torch.zeros(k, dtype=torch.long, device=dev))
-        out = self.model.decode(feats, Prompts(points, labels, boxes, masks), multimask_output)
+        prompts = Prompts(points, labels, boxes, masks)
+        out = self.model.decode(feats, prompts, multimask_output, support=self._support)
         low_res = out.low_res_logits.float()
         full = F.interpolate(low_res, size=self._orig_hw, mode="bilinear", align_corners=False)
         result = full if return_logits else full > self.mask_threshold

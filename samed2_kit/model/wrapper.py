@@ -4,14 +4,18 @@ Data flow of `forward(images, prompts)` (B images, one object prompt each):
 
     images (B, 3, S, S) --image encoder [+ encoder adapters]--> ImageFeatures
         --memory (optional)--> conditioned ImageFeatures
-    prompts --prompt encoder--> sparse (B, N, C), dense (B, C, h, w)
+    prompt sources (optional) --> one PromptContribution each (`samed2_kit.sources.base`)
+    prompts (or, when none are given, the sources' suggested points) --prompt encoder-->
+        sparse (B, N, C), dense (B, C, h, w)
         + sum_i gate_i * contribution_i      (prompt sources; gates start at 0)
     --mask decoder--> low-res logits (B, M, S/4, S/4), IoU (B, M), object score (B, 1)
 
 Three seams, each tested:
 - encoder: adapters attach to the Hiera blocks (`encoder_blocks`) and read `clip` (T, the number of
   adjacent slices per clip in a batch of B = clips * T images) while the encoder runs;
-- prompt sources: `add_prompt_source(name, module)`; each returns a `PromptContribution`;
+- prompt sources: `add_prompt_source(name, module)`; each is called as
+  `source(feats, prompts, SourceContext)` and returns a `PromptContribution`; few-shot sources read
+  support examples (`forward(..., support_images=, support_masks=)` or `decode(..., support=)`);
 - memory: `memory` module with `condition(sam, features, meta) -> features`, applied before the
   decoder (`samed2_kit.memory`: retrieval + SAM 2 memory attention).
 """
@@ -27,6 +31,7 @@ from torch import nn
 from samed2_kit.model import _sam2
 from samed2_kit.model._sam2 import ImageFeatures
 from samed2_kit.model.build import ModelSpec
+from samed2_kit.sources.base import PromptContribution, SourceContext, Support
 
 
 @dataclass
@@ -46,30 +51,26 @@ class Prompts:
         if (self.points is None) != (self.point_labels is None):
             raise ValueError("Prompts: give points and point_labels together (or neither)")
 
-
-@dataclass
-class PromptContribution:
-    """What a prompt source adds; any field may be None.
-
-    dense: (B, C, h, w) added to the dense prompt embedding.
-    mask_logits: (B, 1, S/4, S/4) a mask prompt, embedded by SAM 2's mask encoder and added.
-    """
-
-    dense: torch.Tensor | None = None
-    mask_logits: torch.Tensor | None = None
+    def empty(self) -> bool:
+        return self.points is None and self.boxes is None and self.masks is None
 
 
 @dataclass
 class SAMed2Output:
     """low_res_logits (B, M, S/4, S/4); iou (B, M) predicted IoU in [0, 1];
     object_score_logits (B, 1); features: the (memory-conditioned) image features the decoder
-    used; encoder_features: the image encoder's, before memory (what memory entries are made of)."""
+    used; encoder_features: the image encoder's, before memory (what memory entries are made of);
+    source_logits: {source name: (B, 1, S/4, S/4)} each prompt source's own prediction
+    (`aux_logits`), for the training loss; prompts: the prompts the decoder got (the caller's,
+    or the sources' suggested points when the caller gave none)."""
 
     low_res_logits: torch.Tensor
     iou: torch.Tensor
     object_score_logits: torch.Tensor
     features: ImageFeatures | None = None
     encoder_features: ImageFeatures | None = None
+    source_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    prompts: Prompts | None = None
 
 
 @dataclass
@@ -139,28 +140,46 @@ class SAMed2Model(nn.Module):
         prompts: Prompts,
         multimask_output: bool = False,
         meta: dict | None = None,
+        support: Support | None = None,
     ) -> SAMed2Output:
-        """Memory conditioning, prompt fusion and the mask decoder for a batch of features."""
+        """Memory conditioning, prompt sources and the mask decoder for a batch of features."""
         encoder_feats = feats
         if self.memory is not None:
             feats = self.memory.condition(self.sam, feats, meta or {})
+        # sources read the encoder's features (like the supports' and the memory keys), so what
+        # they add does not depend on what the memory retrieved
+        ctx = SourceContext(self.sam, self.image_size, meta or {}, support)
+        contribs = {n: src(encoder_feats, prompts, ctx) for n, src in self.prompt_sources.items()}
+        if prompts.empty():
+            prompts = suggested_prompts(contribs.values(), prompts)
+        feats = self._fuse_memory(feats, contribs)
         batch = feats.image_embed.shape[0]
         sparse, dense = _sam2.embed_prompts(
             self.sam, prompts.points, prompts.point_labels, prompts.boxes, prompts.masks, batch
         )
-        dense = self._fuse_sources(feats, prompts, dense)
-        logits, iou, obj = _sam2.decode(self.sam, feats, sparse, dense, multimask_output)
-        return SAMed2Output(logits, iou, obj, feats, encoder_feats)
-
-    def _fuse_sources(self, feats: ImageFeatures, prompts: Prompts, dense: torch.Tensor):
-        for name, source in self.prompt_sources.items():
-            contrib: PromptContribution = source(feats, prompts)
+        for name, c in contribs.items():
             gate = self.source_gates[name]
-            if contrib.dense is not None:
-                dense = dense + gate * contrib.dense
-            if contrib.mask_logits is not None:
-                dense = dense + gate * _sam2.embed_mask(self.sam, contrib.mask_logits)
-        return dense
+            if c.dense is not None:
+                dense = dense + gate * c.dense
+            if c.mask_logits is not None:
+                dense = dense + gate * _sam2.embed_mask(self.sam, c.mask_logits)
+        logits, iou, obj = _sam2.decode(self.sam, feats, sparse, dense, multimask_output)
+        aux = {n: c.aux_logits for n, c in contribs.items() if c.aux_logits is not None}
+        return SAMed2Output(logits, iou, obj, feats, encoder_feats, aux, prompts)
+
+    def _fuse_memory(self, feats: ImageFeatures, contribs: dict) -> ImageFeatures:
+        embed = feats.image_embed
+        for name, c in contribs.items():
+            if c.memory is not None:
+                attended = _sam2.attend_memory(self.sam, feats, c.memory).to(embed.dtype)
+                embed = embed + self.source_gates[name] * (attended - feats.image_embed)
+        return feats if embed is feats.image_embed else ImageFeatures(embed, feats.high_res,
+                                                                        feats.pos)  # fmt: skip
+
+    def encode_support(self, images: torch.Tensor, masks: torch.Tensor, query_index=None):
+        """Support examples for few-shot sources: images (B_s, 3, S, S), masks (B_s, 1, S, S)."""
+        check_support_masks(masks, images.shape[0], self.image_size)
+        return Support(self.encode(images), masks.float(), query_index)
 
     def forward(
         self,
@@ -169,7 +188,43 @@ class SAMed2Model(nn.Module):
         multimask_output: bool = False,
         clip_len: int = 1,
         meta: dict | None = None,
+        support_images: torch.Tensor | None = None,
+        support_masks: torch.Tensor | None = None,
+        support_index: torch.Tensor | None = None,
     ) -> SAMed2Output:
-        """One training/inference step: images (B, 3, S, S) + one prompt per image -> masks."""
-        feats = self.encode(images, clip_len, meta)
-        return self.decode(feats, prompts, multimask_output, meta)
+        """One training/inference step: images (B, 3, S, S) + one prompt per image -> masks.
+
+        Few-shot sources: support_images (B_s, 3, S, S) and support_masks (B_s, 1, S, S);
+        support_index (B_s,) the query each support serves (None: all serve every query)."""
+        support = None
+        if support_images is not None:
+            b = images.shape[0]
+            check_support_masks(support_masks, support_images.shape[0], self.image_size)
+            if clip_len == 1:  # one encoder pass for queries and supports
+                both = self.encode(torch.cat([images, support_images]), 1, meta)
+                feats, sup = both.select(slice(0, b)), both.select(slice(b, None))
+            else:
+                feats, sup = self.encode(images, clip_len, meta), self.encode(support_images)
+            support = Support(sup, support_masks.float(), support_index)
+        else:
+            feats = self.encode(images, clip_len, meta)
+        return self.decode(feats, prompts, multimask_output, meta, support)
+
+
+def check_support_masks(masks: torch.Tensor | None, n: int, size: int) -> None:
+    if masks is None or tuple(masks.shape) != (n, 1, size, size):
+        got = None if masks is None else tuple(masks.shape)
+        raise ValueError(
+            f"support masks must be ({n}, 1, {size}, {size}) (one per support image, at the "
+            f"model's image size), got {got}: resize each mask with its image"
+        )
+
+
+def suggested_prompts(contribs, prompts: Prompts) -> Prompts:
+    """The sources' suggested clicks as prompts (concatenated over sources; label -1 pads)."""
+    pts = [(c.points, c.point_labels) for c in contribs if c.points is not None]
+    if not pts:
+        return prompts
+    points = torch.cat([p for p, _ in pts], dim=1)
+    labels = torch.cat([lab for _, lab in pts], dim=1)
+    return Prompts(points=points, point_labels=labels)

@@ -118,10 +118,85 @@ class _Source(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
         self.to_mask = nn.Conv2d(dim, 1, 1)
 
-    def forward(self, feats: ImageFeatures, prompts):
+    def forward(self, feats: ImageFeatures, prompts, ctx):
         e = feats.image_embed
         mask = nn.functional.interpolate(self.to_mask(e), scale_factor=4.0) * 5
         return PromptContribution(dense=self.proj(e), mask_logits=mask)
+
+
+class _MemorySource(nn.Module):
+    """Memory entries made from the image itself (two per image), through SAM 2 memory attention."""
+
+    def forward(self, feats: ImageFeatures, prompts, ctx):
+        from samed2_kit.model import _sam2
+
+        e = feats.image_embed
+        m = _sam2.memory_dim(ctx.sam)
+        entry = e[:, :m].detach() * 0.5
+        return PromptContribution(memory=torch.stack([entry, -entry], dim=1))
+
+
+class _Clicker(nn.Module):
+    """Suggests one positive click at a fixed place (what a few-shot source does)."""
+
+    def forward(self, feats: ImageFeatures, prompts, ctx):
+        b = feats.image_embed.shape[0]
+        return PromptContribution(
+            points=torch.tensor([[[70.0, 80.0]]]).expand(b, 1, 2),
+            point_labels=torch.ones(b, 1, dtype=torch.long),
+        )
+
+
+def test_memory_contribution_is_identity_at_zero_gate_and_opens(tiny_model):
+    images, boxes, *_ = _batch()
+    p = Prompts(boxes=boxes)
+    with torch.no_grad():
+        plain = tiny_model(images, p)
+        tiny_model.add_prompt_source("mem", _MemorySource())
+        closed = tiny_model(images, p)
+        tiny_model.source_gates["mem"].fill_(1.0)
+        opened = tiny_model(images, p)
+    assert torch.equal(closed.low_res_logits, plain.low_res_logits)
+    assert not torch.allclose(opened.low_res_logits, plain.low_res_logits)
+
+
+def test_suggested_clicks_prompt_only_when_the_caller_gives_none(tiny_model):
+    images, boxes, points, labels, _ = _batch()
+    with torch.no_grad():
+        plain_box = tiny_model(images, Prompts(boxes=boxes))
+        plain_click = tiny_model(images, Prompts(points=points[:, :1], point_labels=labels[:, :1]))
+        tiny_model.add_prompt_source("clicks", _Clicker())
+        with_box = tiny_model(images, Prompts(boxes=boxes))
+        unprompted = tiny_model(images, Prompts())
+    assert torch.equal(with_box.low_res_logits, plain_box.low_res_logits)  # the box wins
+    # points[:, 0] is (70, 80) for image 0: the suggested click equals that user click there
+    assert torch.equal(unprompted.low_res_logits[0], plain_click.low_res_logits[0])
+    assert unprompted.prompts.points.shape == (2, 1, 2)
+
+
+def test_support_images_share_the_encoder_pass(tiny_model):
+    images, boxes, *_ = _batch()
+    sup_images = torch.randn(2, 3, S, S, generator=torch.Generator().manual_seed(3))
+    sup_masks = torch.zeros(2, 1, S, S)
+    sup_masks[:, :, 64:128, 64:128] = 1
+    seen = {}
+
+    class Spy(nn.Module):
+        def forward(self, feats, prompts, ctx):
+            seen["support"] = ctx.support
+            return PromptContribution()
+
+    tiny_model.add_prompt_source("spy", Spy())
+    with torch.no_grad():
+        tiny_model(images, Prompts(boxes=boxes), support_images=sup_images,
+                   support_masks=sup_masks, support_index=torch.tensor([1, 0]))  # fmt: skip
+        alone = tiny_model.encode(sup_images)
+    sup = seen["support"]
+    assert torch.allclose(sup.features.image_embed, alone.image_embed, atol=1e-5)
+    assert sup.rows_for(0).tolist() == [1] and sup.rows_for(1).tolist() == [0]
+    with pytest.raises(ValueError, match="support masks must be"):
+        tiny_model(images, Prompts(boxes=boxes), support_images=sup_images,
+                   support_masks=sup_masks[:, :, :128])  # fmt: skip
 
 
 def test_prompt_source_seam_is_identity_at_init_and_trains(tiny_model):

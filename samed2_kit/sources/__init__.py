@@ -1,0 +1,41 @@
+"""Prompt sources: extra prompts for SAM 2's mask decoder, fused through zero-initialised gates.
+
+- `SimilarityPrior` (Sim-MPNet DMW-LA + W-LD): a prototype memory per class, read per pixel into
+  the dense prompt; updated without gradients, only while training.
+- `HardPrototypes` (CoW): prototypes mined from the errors of a support example's
+  self-prediction; a mask prompt and positive/negative clicks for a query (few-shot).
+
+Names load on first use (PEP 562): the CLI parser imports nothing heavy.
+"""
+
+import importlib
+
+_WHERE = {
+    "PromptContribution": "base",
+    "PromptSource": "base",
+    "SourceContext": "base",
+    "Support": "base",
+    "SimilarityPrior": "similarity",
+    "SimilarityPriorConfig": "similarity",
+    "DSGIM": "similarity",
+    "HardPrototypes": "hard",
+    "HardPrototypesConfig": "hard",
+    "SourcesConfig": "registry",
+    "attach_sources": "registry",
+    "sources_config": "registry",
+    "SOURCES_FILE": "registry",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
