@@ -31,7 +31,7 @@ from torch import nn
 from samed2_kit.model import _sam2
 from samed2_kit.model._sam2 import ImageFeatures
 from samed2_kit.model.build import ModelSpec
-from samed2_kit.sources.base import PromptContribution, SourceContext, Support
+from samed2_kit.sources.base import SourceContext, Support
 
 
 @dataclass
