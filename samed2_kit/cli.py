@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("weights", help="run folder (model.safetensors + model.json)")
     e.add_argument("data", nargs="?", help="medbank store (default: the recipe's, or RUN-store)")
     e.add_argument("--split", help="store split to evaluate (default: the recipe's eval.split)")
-    protocols = ("box", "point", "box+clicks")  # config.EVAL_PROTOCOLS (config imports torch)
+    protocols = ("box", "point", "box+clicks", "support")  # config.EVAL_PROTOCOLS (imports torch)
     e.add_argument("--protocol", choices=protocols, help="prompt protocol (eval.prompt)")
     e.add_argument("--clicks", type=int, help="corrective clicks for box+clicks (eval.clicks)")
     e.add_argument("--out", help="output folder (default: WEIGHTS/eval-SPLIT-PROTOCOL)")

@@ -110,7 +110,13 @@ def test_nsd_tolerance_per_modality():
 def test_evaluate_each_protocol(tiny_model, hc18_store, protocol):
     items = items_from_store(hc18_store, "train")
     cfg = EvalConfig(prompt=protocol, clicks=3, max_items=3)
-    rows, preds = ev.evaluate(tiny_model, items, cfg, progress=False)
+    supports = None
+    if protocol == "support":  # few-shot: a model with the hard-prototype source, a val support
+        from samed2_kit.sources import HardPrototypesConfig, SourcesConfig, attach_sources
+
+        attach_sources(tiny_model, SourcesConfig(hard_prototypes=HardPrototypesConfig()))
+        supports = {"fetal_head": items_from_store(hc18_store, "val")[:1]}
+    rows, preds = ev.evaluate(tiny_model, items, cfg, progress=False, supports=supports)
     assert [r.sample_id for r in rows] == [it.sample_id for it in items[:3]]
     assert len({r.sample_id for r in rows}) == 3 and {r.modality for r in rows} == {"us"}
     for row, pred, it in zip(rows, preds, items, strict=False):

@@ -168,3 +168,36 @@ def test_bf16_autocast_cpu():
     assert out.total.item() == pytest.approx(ref.total.item(), rel=1e-5)
     out.total.backward()
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
+
+
+def test_boundary_loss_is_low_on_the_true_boundary_and_trains():
+    from samed2_kit.losses import boundary_loss
+
+    gt = torch.zeros(1, 1, 64, 64)
+    gt[..., 20:44, 20:44] = 1
+    exact = boundary_loss((gt - 0.5) * 40, gt)
+    near = torch.zeros_like(gt)
+    near[..., 21:45, 21:45] = 1  # one pixel off: inside the 5 px tolerance
+    far = torch.zeros_like(gt)
+    far[..., 2:14, 40:60] = 1
+    assert exact.shape == (1,) and float(exact) < 0.05
+    assert float(boundary_loss((near - 0.5) * 40, gt)) < 0.2
+    assert float(boundary_loss((far - 0.5) * 40, gt)) > 0.9
+    logits = torch.randn(gt.shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    boundary_loss(logits, gt).sum().backward()
+    assert logits.grad.abs().sum() > 0
+
+
+def test_source_and_boundary_terms_are_reported_and_weighted():
+    gt = _gt_left_half(2, 16)
+    good, bad = _logits_from(gt), _logits_from(1 - gt)
+    base = SegLoss(SEG_ONLY)(good, *_heads(2), gt)
+    cfg = LossConfig(dice_ce=1.0, focal=0.0, iou=0.0, object_score=0.0, boundary=0.5, source=2.0)
+    out = SegLoss(cfg)(good, *_heads(2), gt, source_logits={"proto": bad[..., ::2, ::2]})
+    assert set(out.parts) == {"dice_ce", "boundary", "source/proto"}
+    want = base.total + 0.5 * out.parts["boundary"] + 2.0 * out.parts["source/proto"]
+    assert out.total.item() == pytest.approx(want.item(), rel=1e-5)
+    assert out.parts["source/proto"] > 1.0  # the inverted source map is penalised
+    no_source = LossConfig(dice_ce=1.0, focal=0.0, iou=0.0, object_score=0.0, source=0.0)
+    off = SegLoss(no_source)(good, *_heads(2), gt, source_logits={"proto": bad})
+    assert "source/proto" not in off.parts  # weight 0: not computed
