@@ -1,27 +1,21 @@
 """Benchmark: the prompt sources' added time per training step and per prediction.
 
-One model per (variant, px), seeded; every arm uses its weights and the same inputs. The sources
-are made with `attach_sources` (classes ["organ"]) once per source set and swapped onto the model
-per call, so "the same model without it" is literally the same modules. Arms:
+One model per (variant, px), seeded; the sources are made with `attach_sources` (classes
+["organ"]) once per source set and swapped onto it per call, so every arm runs the same weights on
+the same inputs. Arms: plain SAM 2 (sam2's image encoder, no_mem_embed, prompt encoder and mask
+decoder called directly); the wrapper with no sources (also with the support images passed: they
+are encoded in the same pass as the queries and read by no source, the encoder load of the
+few-shot arms without their source); + similarity prior (pool filled beforehand by train-mode
+candidates/commit, warmup_updates=0); + similarity prior with DS-GIM; + hard prototypes (episodes:
+query b has support image + mask b, support_index = arange(B); the step time includes encoding the
+supports), prompted with the box and the support or with no prompt (the source's clicks); + both.
 
-- plain SAM 2: sam2's modules called directly (image encoder, no_mem_embed, prompt encoder, mask
-  decoder), no wrapper;
-- wrapper, no sources (`SAMed2Model` with nothing attached); and the same with the support images
-  passed (encoded in the same pass as the queries, read by no source): the encoder load of the
-  few-shot arms without their source;
-- + similarity prior (pool filled beforehand by train-mode candidates/commit, warmup_updates=0);
-- + similarity prior with DS-GIM;
-- + hard prototypes: episodes (query b has support image + mask b, support_index = arange(B)); the
-  supports go through the encoder in the same pass, so the step time includes encoding them;
-  prompted with the box and support ("box + support") or with no prompt (the source's clicks);
-- + both sources.
-
-Training step: forward + `SegLoss` (with `source_logits`) + backward + AdamW over every parameter
-(+ `candidates` after backward and `commit` after the step for the similarity prior, as the
-training loop does); batch 4, fp32, medians of --steps steps run in turn after --warmup rounds.
-Prediction: ms per `Predictor.predict` (one box, single mask) after `set_image`, or with no prompt
-after `set_support` (1 support); plain SAM 2 is the prompt encoder + mask decoder on cached features.
-Calls slower than --slow seconds get fewer repeats (the table says how many).
+Training step: forward + `SegLoss` (with `source_logits`) + backward + AdamW over every parameter,
+plus `candidates` after backward and `commit` after the step for the similarity prior (as the
+training loop); batch 4, fp32, median of --steps steps per arm, arms run in turn after --warmup
+rounds. Prediction: ms per `Predictor.predict` (one box, one mask) after `set_image`, with
+`set_support` (1 support) done once for the few-shot arms; plain SAM 2 is the prompt encoder + mask
+decoder on cached features. Calls slower than --slow s get 3 repeats (column n).
 
     .venv/bin/python bench/bench_sources.py [--models test-tiny,tiny] [--steps N] [--repeats 30]
         [--predict test-tiny@256,tiny@512,tiny@1024] [--threads 2] [--json PATH] [--quick]
@@ -31,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -58,7 +53,9 @@ def source_sets() -> dict[str, SourcesConfig]:
     return {
         "none": SourcesConfig(),
         "sim": SourcesConfig(similarity_prior=sim),
-        "dsgim": SourcesConfig(similarity_prior=SimilarityPriorConfig(warmup_updates=0, dsgim=True)),
+        "dsgim": SourcesConfig(
+            similarity_prior=SimilarityPriorConfig(warmup_updates=0, dsgim=True)
+        ),
         "hard": SourcesConfig(hard_prototypes=HardPrototypesConfig()),
         "both": SourcesConfig(similarity_prior=sim, hard_prototypes=HardPrototypesConfig()),
     }
@@ -259,12 +256,16 @@ def med(xs: list) -> float:
     return statistics.median(xs)
 
 
+def loadavg() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
+
+
 def print_train(res: dict, steps: int) -> None:
     m = {k: med(v) for k, v in res["times"].items()}
     b = res["batch"]
     print(f"### Training step: `{res['variant']}` at {res['size']} px, batch {b}\n")
     print(f"s/step: median of {steps} steps per arm, run in turn; similarity pools filled "
-          f"({res['pool_filled']} of 32 slots per class at least). Added: against the wrapper "
+          f"({res['pool_filled']} of {SimilarityPriorConfig().slots} slots per class at least). Added: against the wrapper "
           "with the same images encoded (the supports-encoded row for the support arms).\n")  # fmt: skip
     print("| arm | prompt | images encoded | s/step | x plain SAM 2 | x wrapper | added (s) |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
@@ -300,7 +301,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="px of the training step")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, help="timed steps per arm (default 30 test-tiny, 10 else)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before the training steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing steps")
     ap.add_argument("--predict", default="test-tiny@256,tiny@512,tiny@1024",
                     help="variant@px of the prediction tables (variants not in --models skipped)")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=30, help="predict calls per arm")
@@ -314,7 +315,8 @@ def main() -> None:
         args.predict = "test-tiny@256"
     torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
-    print(f"threads={torch.get_num_threads()} torch={torch.__version__}\n")
+    print(f"threads={torch.get_num_threads()} torch={torch.__version__} cpus={os.cpu_count()}, "
+          f"{loadavg()} at the start (other processes skew the arms, and not alike)\n")  # fmt: skip
     t0 = time.perf_counter()
     out = {"threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args),
            "train": [], "predict": []}  # fmt: skip
@@ -329,7 +331,7 @@ def main() -> None:
             res = bench_predict(variant, int(px), args.repeats, args.slow)
             print_predict(res)
             out["predict"].append(res)
-    print(f"total {time.perf_counter() - t0:.0f} s")
+    print(f"total {time.perf_counter() - t0:.0f} s; {loadavg()} at the end")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
