@@ -37,27 +37,23 @@ from samed2_kit.losses import SegLoss
 from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
 from samed2_kit.model import Prompts, build_model
 from samed2_kit.model.predictor import Predictor
-from samed2_kit.sources import (
-    HardPrototypesConfig,
-    SimilarityPriorConfig,
-    SourcesConfig,
-    attach_sources,
-)
+from samed2_kit.sources.hard import HardPrototypesConfig
+from samed2_kit.sources.registry import SourcesConfig, attach_sources
+from samed2_kit.sources.similarity import SimilarityPriorConfig
 
 CLASSES = ["organ"]
 BOX = (0.2, 0.2, 0.7, 0.8)  # x0, y0, x1, y1 as fractions of the side; the gt is this rectangle
 
 
 def source_sets() -> dict[str, SourcesConfig]:
-    sim = SimilarityPriorConfig(warmup_updates=0)
+    sim, hard = SimilarityPriorConfig(warmup_updates=0), HardPrototypesConfig()
+    dsgim = SimilarityPriorConfig(warmup_updates=0, dsgim=True)
     return {
         "none": SourcesConfig(),
         "sim": SourcesConfig(similarity_prior=sim),
-        "dsgim": SourcesConfig(
-            similarity_prior=SimilarityPriorConfig(warmup_updates=0, dsgim=True)
-        ),
-        "hard": SourcesConfig(hard_prototypes=HardPrototypesConfig()),
-        "both": SourcesConfig(similarity_prior=sim, hard_prototypes=HardPrototypesConfig()),
+        "dsgim": SourcesConfig(similarity_prior=dsgim),
+        "hard": SourcesConfig(hard_prototypes=hard),
+        "both": SourcesConfig(similarity_prior=sim, hard_prototypes=hard),
     }
 
 
@@ -252,16 +248,12 @@ def bench_predict(variant: str, size: int, repeats: int, slow: float) -> dict:
             "set_support_s": sup_times, "times": times}  # fmt: skip
 
 
-def med(xs: list) -> float:
-    return statistics.median(xs)
-
-
 def loadavg() -> str:
     return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def print_train(res: dict, steps: int) -> None:
-    m = {k: med(v) for k, v in res["times"].items()}
+    m = {k: statistics.median(v) for k, v in res["times"].items()}
     b = res["batch"]
     print(f"### Training step: `{res['variant']}` at {res['size']} px, batch {b}\n")
     print(f"s/step: median of {steps} steps per arm, run in turn; similarity pools filled "
@@ -279,10 +271,10 @@ def print_train(res: dict, steps: int) -> None:
 
 
 def print_predict(res: dict) -> None:
-    m = {k: med(v) for k, v in res["times"].items()}
+    m = {k: statistics.median(v) for k, v in res["times"].items()}
     print(f"### Prediction: `{res['variant']}` at {res['size']} px\n")
     print(f"ms per call, median (n = calls timed). set_image {res['set_image_s'] * 1e3:.0f} ms "
-          f"(once); set_support with 1 support {med(res['set_support_s']) * 1e3:.0f} ms (median "
+          f"(once); set_support with 1 support {statistics.median(res['set_support_s']) * 1e3:.0f} ms (median "
           f"of {len(res['set_support_s'])}; encodes the support). Plain SAM 2: prompt encoder + "
           "mask decoder on cached features; the others: `Predictor.predict` (+ upsampling to the "
           "image and the copy to numpy).\n")  # fmt: skip

@@ -102,7 +102,9 @@ def direct_dice(model, store: str, tasks: list[str], what: str) -> dict:
             pred.set_support(s_img, s_mask)
         pred.set_image(image)
         res = model.decode(pred._features, Prompts(), support=pred._support)
-        logits = res.low_res_logits if what == "unprompted" else res.source_logits["hard_prototypes"]
+        logits = (
+            res.low_res_logits if what == "unprompted" else res.source_logits["hard_prototypes"]
+        )
         full = F.interpolate(logits[:, :1].float(), size=gt.shape, mode="bilinear")
         out.setdefault(item.task, []).append(dice(full[0, 0].numpy() > 0, gt))
     return {t: float(np.mean(v)) for t, v in out.items()}
@@ -131,7 +133,9 @@ def fine_tune(args, base: list[str], store: str) -> dict:
         slug = "ft-" + name.strip("+ ").replace(" ", "-")
         model = train_arm(args, base, slug, TASKS, extra)
         rows[name] = protocol_dice(model, store, TASKS, "box", "hard_prototypes" in "".join(extra))
-        rows[name]["gates"] = {k: round(float(g.detach()), 3) for k, g in model.source_gates.items()}
+        rows[name]["gates"] = {
+            k: round(float(g.detach()), 3) for k, g in model.source_gates.items()
+        }
     return rows
 
 
