@@ -42,11 +42,14 @@ class Support:
     masks: (B_s, 1, S, S) float {0, 1} support masks in model-input pixels.
     query_index: (B_s,) long, the query each support row serves; None: every support serves
         every query (the predictor's few-shot mode: one support set for all queries).
+    cache: where sources keep what they derive from these supports at inference (no grad, eval
+        mode), e.g. mined prototypes; a new Support (e.g. `Predictor.set_support`) starts empty.
     """
 
     features: ImageFeatures
     masks: torch.Tensor
     query_index: torch.Tensor | None = None
+    cache: dict = field(default_factory=dict, repr=False)
 
     def rows_for(self, query: int) -> torch.Tensor:
         """Indices of the support rows that serve query `query`."""

@@ -319,7 +319,14 @@ class HardPrototypes(nn.Module):
         shared = None
         if support.query_index is None:
             self._check_count(len(su), "every query")
-            shared = self._mine(su, frac)
+            # at inference the prototypes of a support set are mined once (the predictor keeps
+            # one Support per set_support); while training or with grad, every call mines
+            frozen = not self.training and not torch.is_grad_enabled()
+            shared = support.cache.get(id(self)) if frozen else None
+            if shared is None:
+                shared = self._mine(su, frac)
+                if frozen:
+                    support.cache[id(self)] = shared
         ev_fg, ev_bg, hard_bg = [], [], []
         for b in range(q.shape[0]):
             if shared is None:

@@ -236,3 +236,21 @@ def test_training_updates_the_prior_and_trains_the_prototype_heads(hc18_store):
     after = head.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(float(g.detach()) != 0.0 for g in model.source_gates.values())  # the gates opened
+
+
+def test_predictor_mines_a_support_set_once(tiny_model, monkeypatch):
+    model = _with_sources(tiny_model, prior=False)
+    src = model.prompt_sources["hard_prototypes"]
+    calls = []
+    mine = src._mine
+    monkeypatch.setattr(src, "_mine", lambda *a: calls.append(1) or mine(*a))
+    m, q = _disk(70, 90, 30), _disk(80, 110, 35)
+    pred = Predictor(model)
+    pred.set_support(_image(m, 0), m)
+    pred.set_image(_image(q, 1))
+    first = pred.predict()[2]
+    again = pred.predict(box=[70, 40, 150, 120])[2]
+    assert len(calls) == 1 and not np.array_equal(first, again)
+    pred.set_support(_image(m, 2), m)  # a new support set is mined anew
+    pred.predict()
+    assert len(calls) == 2
