@@ -1,10 +1,11 @@
 """Run by test_accelerate_launch.py, as `python` (1 process) or under `accelerate launch`:
 trains test-tiny a few steps on a store and writes, per rank, the parameters and the losses.
 
-    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS [memory]
+    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS [memory | sources]
 
 With "memory", the model has a confidence memory (every prediction written) and each rank also
-writes the bank's digest.
+writes the bank's digest. With "sources", both prompt sources train on few-shot episodes (the
+similarity prior clusters at its first update).
 """
 
 import json
@@ -21,15 +22,21 @@ from samed2_kit.model import build_model
 
 def main() -> None:
     store, out, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-    memory = sys.argv[4:] == ["memory"]
+    memory, sources = sys.argv[4:] == ["memory"], sys.argv[4:] == ["sources"]
+    extra = ["data.episodes=true", "data.prompt.mode=none", "sources={hard_prototypes: {}, "
+             "similarity_prior: {slots: 4, dim: 8, warmup_updates: 1}}"] if sources else []  # fmt: skip
     recipe = load_recipe(
         None,
         ["model.image_size=128", f"train.batch_size={batch}", "train.steps=3",
          "train.warmup_steps=1", "train.lr=0.001", "train.mixed_precision=no",
-         "data.tasks=[fetal_head]", "data.augment=false"],
+         "data.tasks=[fetal_head]", "data.augment=false", *extra],
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model("test-tiny", None, 128)
+    if sources:
+        from samed2_kit.sources import attach_sources
+
+        attach_sources(model, recipe.sources, ["fetal_head"])
     if memory:
         from samed2_kit.memory import MemoryConfig, attach_memory
 

@@ -45,6 +45,14 @@ def test_memory_bank_is_identical_on_every_rank(hc18_store, tmp_path):
     assert ranks[0]["entries"] == 4 and ranks[0]["bank"] == ranks[1]["bank"]
 
 
+def test_prompt_sources_are_identical_on_every_rank(hc18_store, tmp_path):
+    _run([*LAUNCH, str(SCRIPT), hc18_store, str(tmp_path), "1", "sources"])
+    r0, r1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    pool = "prompt_sources.similarity_prior.pool"
+    assert r1[pool].abs().sum() > 0  # the prior clustered and updated from both ranks' pixels
+    assert all(torch.equal(r0[k], r1[k]) for k in r0)  # weights, gates, pool, EMA projection
+
+
 def test_quickstart_under_two_cpu_processes(tmp_path):
     out = tmp_path / "run"
     cmd = [*LAUNCH, "-m", "samed2_kit.cli", "quickstart", "--out", str(out), "train.steps=3",
