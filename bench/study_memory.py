@@ -23,24 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-
-SPEC = """name: study-memory
-split: {{train: 0.7, val: 0.15, test: 0.15}}
-seed: 0
-max_size: 512
-sources:
-  - {{name: hc18, layout: pairs, root: {root}/hc18, image: "images/{{id}}HC.png",
-     mask: "masks/{{id}}HC_Annotation.png", case: '^(\\d+)',
-     spacing_csv: training_set_pixel_size_and_HC.csv, modality: us, task: fetal_head,
-     licence: CC-BY-4.0}}
-  - {{name: busi, layout: pairs, root: {root}/busi, image: "images/{{id}}.png",
-     mask: "masks/{{id}}_mask{{label}}.png", modality: us, task: breast_lesion, licence: unverified}}
-  - {{name: kvasir_seg, layout: pairs, root: {root}/kvasir_seg, image: "images/{{id}}.jpg",
-     mask: "masks/{{id}}.jpg", modality: endoscopy, task: polyp,
-     licence: research-and-education-only}}
-"""
+from _sets import SHARED, write_spec
 
 MEMORY = "memory={threshold: 0.5, capacity: 64, top_k: 4, partition_by: task}"
 
@@ -96,8 +79,7 @@ def main() -> None:
         print(f"{SHARED} is absent: this study reads the in-house data beside the project")
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = args.out / "spec.yaml"
-    spec.write_text(SPEC.format(root=SHARED))
+    spec = write_spec(args.out / "spec.yaml", "study-memory", 0.7, 0.15, 0.15)
     common = base(args, spec, args.out / "store")
     results = {}
     if args.only != "continual":

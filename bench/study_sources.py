@@ -26,25 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _sets import SHARED, write_spec
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-
-SPEC = """name: study-sources
-split: {{train: 0.6, val: 0.1, test: 0.3}}
-seed: 0
-max_size: 512
-sources:
-  - {{name: hc18, layout: pairs, root: {root}/hc18, image: "images/{{id}}HC.png",
-     mask: "masks/{{id}}HC_Annotation.png", case: '^(\\d+)',
-     spacing_csv: training_set_pixel_size_and_HC.csv, modality: us, task: fetal_head,
-     licence: CC-BY-4.0}}
-  - {{name: busi, layout: pairs, root: {root}/busi, image: "images/{{id}}.png",
-     mask: "masks/{{id}}_mask{{label}}.png", modality: us, task: breast_lesion, licence: unverified}}
-  - {{name: kvasir_seg, layout: pairs, root: {root}/kvasir_seg, image: "images/{{id}}.jpg",
-     mask: "masks/{{id}}.jpg", modality: endoscopy, task: polyp,
-     licence: research-and-education-only}}
-"""
 SEEN, UNSEEN = ["fetal_head", "polyp"], "breast_lesion"
 TASKS = [*SEEN, UNSEEN]
 GATES = 'train.lr_mult={"^source_gates\\\\.": 20}'  # as the recipes: gates must travel O(1)
@@ -161,8 +144,7 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = args.out / "spec.yaml"
-    spec.write_text(SPEC.format(root=SHARED))
+    spec = write_spec(args.out / "spec.yaml", "study-sources", 0.6, 0.1, 0.3)
     store = str(args.out / "store")
     base = common(args, spec, Path(store))
     results = {}

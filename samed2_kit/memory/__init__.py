@@ -5,7 +5,7 @@ The names below load on first use (PEP 562), so `samed2_kit.memory.cli` (the `sa
 parser, built on every `samed2` call) does not import torch.
 """
 
-import importlib
+from samed2_kit.utils.lazy import lazy_exports
 
 _WHERE = {
     "ConfidenceMemory": "bank",
@@ -26,13 +26,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

@@ -8,7 +8,7 @@
 Names load on first use (PEP 562): the CLI parser imports nothing heavy.
 """
 
-import importlib
+from samed2_kit.utils.lazy import lazy_exports
 
 _WHERE = {
     "PromptContribution": "base",
@@ -29,13 +29,4 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())
