@@ -35,6 +35,9 @@ class Predictor:
         self._features: ImageFeatures | None = None
         self._orig_hw: tuple[int, int] | None = None
         self._support = None  # samed2_kit.sources.Support, from set_support
+        # (points (N, 2) x, y in image pixels, labels (N,)) a few-shot source prompted the last
+        # predict() with (None when the caller's prompt was used)
+        self.suggested_clicks: tuple[np.ndarray, np.ndarray] | None = None
         self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
 
     @property
@@ -213,6 +216,12 @@ class Predictor:
         feats = self._features.select(torch.zeros(k, dtype=torch.long, device=dev))
         prompts = Prompts(points, labels, boxes, masks)
         out = self.model.decode(feats, prompts, multimask_output, support=self._support)
+        self.suggested_clicks = None
+        if out.prompts is not prompts:  # few-shot: the source's clicks, in image pixels
+            h, w = self._orig_hw
+            xy = out.prompts.points[0].float().cpu().numpy() / self.model.image_size * [w, h]
+            lab = out.prompts.point_labels[0].cpu().numpy()
+            self.suggested_clicks = (xy[lab >= 0], lab[lab >= 0])
         low_res = out.low_res_logits.float()
         full = F.interpolate(low_res, size=self._orig_hw, mode="bilinear", align_corners=False)
         result = full if return_logits else full > self.mask_threshold

@@ -92,8 +92,11 @@ def test_few_shot_prediction_is_deterministic_and_needs_no_prompt(tiny_model):
     b, sb, lb = pred.predict(multimask_output=False)
     assert a.shape == (1, H, W)
     assert np.array_equal(a, b) and np.array_equal(sa, sb) and np.array_equal(la, lb)
+    xy, lab = pred.suggested_clicks  # the clicks the source prompted with, in image pixels
+    assert len(xy) == len(lab) >= 1 and lab[0] == 1
+    assert (xy >= 0).all() and (xy[:, 0] <= W).all() and (xy[:, 1] <= H).all()
     both, _, _ = pred.predict(box=[70, 40, 150, 120], multimask_output=False)  # with a box too
-    assert both.shape == (1, H, W)
+    assert both.shape == (1, H, W) and pred.suggested_clicks is None
 
 
 def test_bad_supports_are_clear_errors(tiny_model):
