@@ -250,7 +250,7 @@ def _module_state(model) -> dict:
 
 
 class _Supports:
-    """Sets the predictor's supports to those of each item's task (loading each task's once)."""
+    """Sets the predictor's supports to those of each item's task, whenever the task changes."""
 
     def __init__(self, predictor, supports: dict | None, protocol: str) -> None:
         self.predictor, self.supports, self.protocol = predictor, supports or {}, protocol
@@ -291,6 +291,12 @@ def evaluate(
 
     from samed2_kit.model.predictor import Predictor
 
+    if cfg.prompt == "support" and "hard_prototypes" not in getattr(model, "prompt_sources", {}):
+        raise ValueError(
+            "eval.prompt=support is few-shot evaluation: it needs a model with the "
+            "hard_prototypes prompt source (e.g. trained by recipes/few_shot.yaml); choose "
+            "another protocol for this model"
+        )
     items = limit_per_task(items, cfg.max_items)
     rank, world = _rank_world()
     flags = _module_state(model)

@@ -143,6 +143,8 @@ def test_prediction_and_evaluation_change_no_state(tiny_model):
         model.prompt_sources["similarity_prior"].commit([], 1.0)
     with pytest.raises(ValueError, match="no support examples for task 'disk'"):
         ev.evaluate(model, items, EvalConfig(prompt="support"), False, {})
+    with pytest.raises(ValueError, match="needs a model with the hard_prototypes"):
+        ev.evaluate(build_model("test-tiny", image_size=256), items, EvalConfig(prompt="support"))
 
 
 def test_save_load_round_trip_keeps_sources_and_their_state(tiny_model, tmp_path):
