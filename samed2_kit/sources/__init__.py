@@ -17,7 +17,7 @@ _WHERE = {
     "Support": "base",
     "SimilarityPrior": "similarity",
     "SimilarityPriorConfig": "similarity",
-    "DSGIM": "similarity",
+    "DSGIM": "dsgim",
     "HardPrototypes": "hard",
     "HardPrototypesConfig": "hard",
     "SourcesConfig": "registry",

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from samed2_kit.model._sam2 import ImageFeatures
 from samed2_kit.sources.base import SourceContext
-from samed2_kit.sources.similarity import DSGIM, SimilarityPrior, SimilarityPriorConfig
+from samed2_kit.sources.dsgim import DSGIM
+from samed2_kit.sources.similarity import SimilarityPrior, SimilarityPriorConfig
 
 MODEL = {"variant": "test-tiny", "image_size": 256}
 C = 64  # test-tiny's embedding width
