@@ -3,6 +3,7 @@
 samed2 quickstart [--checkpoint PATH] [--out DIR] [key=value ...]
 samed2 train RECIPE.yaml [--out DIR] [--resume | --overwrite] [key=value ...]
 samed2 eval RUN_DIR [STORE] [--split S] [--protocol P] [--clicks K] [--out DIR] [key=value ...]
+samed2 predict RUN_DIR INPUT [--prompts P.json] [--out PATH] [--format F] [--support IMG MASK]
 samed2 medbank build|info|verify ...
 samed2 memory info|prune|export BANK ...
 samed2 info
@@ -149,6 +150,18 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from samed2_kit.engine.checkpoint import load_model
+    from samed2_kit.predict import predict_file
+
+    model = load_model(args.weights).eval()
+    window = tuple(args.window) if args.window else None
+    path = predict_file(model, args.input, args.prompts, args.out, args.format, args.modality,
+                        window, args.support, progress=True)  # fmt: skip
+    print(f"[samed2] wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="samed2", description="Fine-tune SAM 2 for medical images.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -187,6 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     from samed2_kit.memory.cli import add_parser as add_memory
 
     add_memory(sub)
+
+    pr = sub.add_parser("predict", help="segment an image or volume from a prompts file")
+    pr.add_argument("weights", help="run folder (model.safetensors + model.json)")
+    pr.add_argument("input", help="2D image, NIfTI/NRRD volume or DICOM series folder")
+    pr.add_argument("--prompts", help='JSON: {"box": [...]} (2D) or {"slices": {"40": {...}}}')
+    pr.add_argument("--out", help="output file or folder (default: beside the input)")
+    formats = ("auto", "png", "nifti", "dicom-seg")  # predict.FORMATS (predict imports numpy)
+    pr.add_argument("--format", default="auto", choices=formats,
+                    help="auto: png for 2D, dicom-seg for DICOM, else nifti")  # fmt: skip
+    pr.add_argument("--modality", default="auto", help="intensity handling: auto, ct, mr, 2d")
+    pr.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
+                    help="CT window in HU (default 40 400)")  # fmt: skip
+    pr.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
+                    help="few-shot support (repeatable; models with hard_prototypes)")  # fmt: skip
+    pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="versions and model variants")
     i.set_defaults(func=cmd_info)

@@ -79,6 +79,9 @@ def load_model(folder_or_file: str | Path, device: str | torch.device | None = N
         from samed2_kit.adapters.io import load_adapters
 
         load_adapters(model, folder)  # injects the saved temporal adapters / LoRA sets first
+    clip_len = ((meta.get("recipe") or {}).get("data") or {}).get("clip_len")
+    if clip_len:  # the T it was trained with: volume propagation encodes clips of T slices
+        model.adapter_config = {"clip_len": int(clip_len)}
     from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory, attach_memory
 
     if (folder / MEMORY_FILE).is_file():  # the bank carries its own config

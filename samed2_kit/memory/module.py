@@ -1,10 +1,11 @@
 """`model.memory`: the confidence memory wired into SAMed2Model.
 
 - `condition(sam, feats, meta)` (every forward, any mode): retrieve the top-k entries for each
-  image by its key and run SAM 2 memory attention over their features (sam2's own module, with
-  its temporal position encodings); images with nothing to retrieve keep their features, so an
-  empty bank leaves the model exactly as without memory. While training, an image never
-  retrieves entries of its own case (`meta["case_id"]`).
+  image by its key (`retrieve`) and run SAM 2 memory attention over their features (sam2's own
+  module, with its temporal position encodings); images with nothing to retrieve keep their
+  features, so an empty bank leaves the model exactly as without memory. While training, an image
+  never retrieves entries of its own case (`meta["case_id"]`). `retrieve` alone gives the
+  entries, for callers that attend over them together with other memories (volume propagation).
 - `candidates(sam, out, meta, step)`: entries made from a batch's predictions (memory encoder on
   the encoder features + predicted mask; confidence = predicted IoU), for the training loop to
   gather from every rank and `commit` in the same order everywhere.
@@ -65,10 +66,15 @@ class MemoryConditioner(nn.Module):
             pooled = pooled @ self._proj
         return F.normalize(pooled, dim=1)
 
-    def condition(self, sam, feats: ImageFeatures, meta: dict) -> ImageFeatures:
-        if not len(self.bank):
-            return feats
+    def retrieve(self, sam, feats: ImageFeatures, meta: dict) -> list[torch.Tensor | None]:
+        """The bank entries each image of `feats` reads: per image its retrieved memory features
+        (n_i, mem_dim, h, w), best first, on the embedding's device and dtype (n_i <= top_k), or
+        None when nothing is retrieved (an empty bank, or every entry excluded). Read-only.
+        While training, an image never retrieves entries of its own case (`meta["case_id"]`);
+        with read_scope "partition", only its (modality, task) partition (`meta["task"]`)."""
         b = feats.image_embed.shape[0]
+        if not len(self.bank):
+            return [None] * b
         keys = self.keys(sam, feats).detach().cpu()
         exclude = _per_image(meta.get("case_id"), b) if self.training else None
         parts = None
@@ -77,12 +83,22 @@ class MemoryConditioner(nn.Module):
             parts = [self.bank.partition_of(m, t) for m, t in zip(mods, _per_image(meta["task"], b),
                                                                   strict=True)]  # fmt: skip
         rows, valid = self.bank.top_k(keys, exclude, parts)
-        counts = valid.sum(1)
+        embed = feats.image_embed
+        return [
+            self.bank.features[rows[i, :n]].to(embed.device, embed.dtype) if n else None
+            for i, n in enumerate(valid.sum(1).tolist())
+        ]
+
+    def condition(self, sam, feats: ImageFeatures, meta: dict) -> ImageFeatures:
+        if not len(self.bank):
+            return feats
+        mems = self.retrieve(sam, feats, meta)
+        counts = torch.tensor([0 if m is None else len(m) for m in mems])
         embed = feats.image_embed
         dev, dtype = embed.device, embed.dtype
         for n in sorted(set(counts.tolist()) - {0}):
             idx = torch.nonzero(counts == n).flatten()
-            mem = self.bank.features[rows[idx, :n]].to(dev, dtype)  # (b_n, n, m, h, w)
+            mem = torch.stack([mems[i] for i in idx.tolist()])  # (b_n, n, m, h, w)
             out = _sam2.attend_memory(sam, feats.select(idx.to(dev)), mem)
             embed = embed.index_copy(0, idx.to(dev), out.to(dtype))
         return ImageFeatures(embed, feats.high_res, feats.pos)

@@ -141,10 +141,15 @@ class SAMed2Model(nn.Module):
         multimask_output: bool = False,
         meta: dict | None = None,
         support: Support | None = None,
+        *,
+        use_memory: bool = True,
     ) -> SAMed2Output:
-        """Memory conditioning, prompt sources and the mask decoder for a batch of features."""
+        """Memory conditioning, prompt sources and the mask decoder for a batch of features.
+
+        `use_memory=False` skips the confidence memory's conditioning: for callers that condition
+        `feats` themselves (volume propagation attends over its own frames and the bank's)."""
         encoder_feats = feats
-        if self.memory is not None:
+        if self.memory is not None and use_memory:
             feats = self.memory.condition(self.sam, feats, meta or {})
         # sources read the encoder's features (like the supports' and the memory keys), so what
         # they add does not depend on what the memory retrieved

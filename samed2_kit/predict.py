@@ -1,0 +1,167 @@
+"""`samed2 predict`: an image or a volume + a prompts file -> mask files, no ground truth needed.
+
+Prompts file (JSON), coordinates in pixels of the image / slice, x before y:
+
+    {"box": [x0, y0, x1, y1], "points": [[x, y], ...], "labels": [1, 0, ...]}         # a 2D image
+    {"slices": {"40": {"box": [...]}, "52": {"points": [[x, y]], "labels": [1]}}}       # a volume
+
+A volume is segmented from its prompted slices by propagation through SAM 2's memory path
+(`samed2_kit.volume.propagate_volume`). A model with the hard_prototypes source may instead get
+`--support IMAGE MASK` (2D, few-shot): then the prompts file is optional.
+
+Outputs (atomic: a failed export leaves no file): a 2D image -> `<stem>_mask.png` (0/255); a
+volume -> `<stem>_mask.nii.gz` with the input's affine (`--format nifti`, default for NIfTI/NRRD)
+or a DICOM Segmentation referencing the source series (`--format dicom-seg`, default for DICOM).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMATS = ("auto", "png", "nifti", "dicom-seg")
+
+
+@dataclass
+class Prompt2D:
+    box: np.ndarray | None = None
+    points: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    def kwargs(self) -> dict:
+        return {"box": self.box, "point_coords": self.points, "point_labels": self.labels}
+
+
+def _prompt(entry, where: str) -> Prompt2D:
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where}: expected an object with box / points / labels, got {entry!r}")
+    unknown = set(entry) - {"box", "points", "labels"}
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (use box, points, labels)")
+    p = Prompt2D()
+    try:
+        if entry.get("box") is not None:
+            p.box = np.asarray(entry["box"], np.float32).reshape(4)
+        if entry.get("points") is not None:
+            p.points = np.asarray(entry["points"], np.float32).reshape(-1, 2)
+            p.labels = np.asarray(entry.get("labels", [1] * len(p.points)), np.int64).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{where}: box must be 4 numbers [x0, y0, x1, y1], points a list of [x, y] ({e})"
+        ) from e
+    if p.points is not None and len(p.labels) != len(p.points):
+        raise ValueError(f"{where}: {len(p.points)} points but {len(p.labels)} labels")
+    if p.box is None and p.points is None:
+        raise ValueError(f"{where}: give a box and/or points")
+    return p
+
+
+def read_prompts(path: str | Path) -> dict:
+    """{"image": Prompt2D} for a 2D prompts file, {"slices": {z: Prompt2D}} for a volume's."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"prompts file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+        ) from e
+    if not isinstance(data, dict):
+        raise ValueError(f"prompts file {path}: the top level must be an object")
+    if "slices" in data:
+        if not isinstance(data["slices"], dict) or not data["slices"]:
+            raise ValueError(f'prompts file {path}: "slices" must map slice numbers to prompts')
+        out = {}
+        for key, entry in data["slices"].items():
+            if not str(key).lstrip("-").isdigit():
+                raise ValueError(f"prompts file {path}: slice key {key!r} is not a slice number")
+            out[int(key)] = _prompt(entry, f"prompts file {path}, slice {key}")
+        return {"slices": out}
+    return {"image": _prompt(data, f"prompts file {path}")}
+
+
+def _output_format(fmt: str, volume) -> str:
+    src = volume.meta.get("format")
+    is_2d = volume.shape_zyx[0] == 1 and src == "image"
+    if fmt == "auto":
+        return "png" if is_2d else "dicom-seg" if src == "dicom" else "nifti"
+    if fmt == "png" and not is_2d:
+        raise ValueError("--format png is for 2D images: use nifti or dicom-seg for a volume")
+    if fmt == "nifti" and not volume.meta.get("spacing_known", True):
+        raise ValueError(
+            f"{volume.meta.get('source')} has no geometry (a 2D image without pixel spacing): "
+            "write --format png, or predict on a NIfTI/NRRD/DICOM volume"
+        )
+    if fmt == "dicom-seg" and src != "dicom":
+        raise ValueError(
+            f"--format dicom-seg references the source DICOM series, but the input is "
+            f"{src or 'not DICOM'}: predict on the DICOM series folder, or use --format nifti"
+        )
+    return fmt
+
+
+def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", modality="auto",
+                 window=None, support=None, progress=True) -> Path:  # fmt: skip
+    """Segment `input_path` with `model`; returns the mask file written (see the module doc)."""
+    from samed2_kit.medbank.io import read_volume
+
+    input_path = Path(input_path)
+    volume = read_volume(input_path)
+    fmt = _output_format(fmt, volume)
+    prompts = read_prompts(prompts_path) if prompts_path else None
+    stem = input_path.name.split(".")[0] if input_path.is_file() else input_path.name
+    suffix = {"png": ".png", "nifti": ".nii.gz", "dicom-seg": ".dcm"}[fmt]
+    out = Path(out) if out else input_path.parent
+    target = out / f"{stem}_mask{suffix}" if out.suffix == "" else out
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "png":
+        mask = _predict_2d(model, volume.array[0], prompts, modality, window, support)
+        return _write_png(mask, target)
+    if prompts is None or "slices" not in prompts:
+        raise ValueError(
+            f"{input_path} is a volume ({volume.shape_zyx[0]} slices): the prompts file needs "
+            '"slices": {"<slice number>": {"box": [...]}}'
+        )
+    from samed2_kit.volume import propagate_volume
+
+    slices = {z: p.__dict__ for z, p in prompts["slices"].items()}
+    mask = propagate_volume(model, volume, slices, modality=modality, window=window,
+                            progress=progress)  # fmt: skip
+    from samed2_kit import export
+
+    if fmt == "nifti":
+        return export.write_nifti(mask, volume, target)
+    return export.write_dicom_seg(mask, input_path, target)
+
+
+def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:
+    from samed2_kit.model.predictor import Predictor
+
+    pred = Predictor(model)
+    if support is not None:
+        from samed2_kit.medbank.io.image import read_image, read_mask
+
+        images, masks = zip(*[(read_image(i), read_mask(m)) for i, m in support], strict=True)
+        pred.set_support(list(images), list(masks), modality=modality, window=window)
+    elif prompts is None:
+        raise ValueError("a 2D prediction needs --prompts (or --support IMAGE MASK for few-shot)")
+    if prompts is not None and "slices" in prompts:
+        raise ValueError('a 2D image takes a prompts file without "slices": {"box": [...]}')
+    pred.set_image(image, modality=modality, window=window)
+    kwargs = prompts["image"].kwargs() if prompts else {}
+    masks, _, _ = pred.predict(**kwargs, multimask_output=False)
+    return masks[0]
+
+
+def _write_png(mask: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    from samed2_kit.utils.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, format="PNG")
+    return path
