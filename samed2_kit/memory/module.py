@@ -23,18 +23,9 @@ from torch import nn
 from samed2_kit.memory.bank import ConfidenceMemory, Entry, MemoryConfig
 from samed2_kit.model import _sam2
 from samed2_kit.model._sam2 import ImageFeatures
+from samed2_kit.utils.meta import per_image
 
 MEMORY_FILE = "memory.safetensors"
-
-
-def _per_image(values, batch: int) -> list | None:
-    """Per-clip metadata (B/T values) repeated to per-image (B); None stays None."""
-    if values is None:
-        return None
-    values = list(values)
-    if not values or batch % len(values):
-        raise ValueError(f"memory: {len(values)} metadata values for a batch of {batch} images")
-    return [v for v in values for _ in range(batch // len(values))]
 
 
 class MemoryConditioner(nn.Module):
@@ -76,11 +67,11 @@ class MemoryConditioner(nn.Module):
         if not len(self.bank):
             return [None] * b
         keys = self.keys(sam, feats).detach().cpu()
-        exclude = _per_image(meta.get("case_id"), b) if self.training else None
+        exclude = per_image(meta.get("case_id"), b) if self.training else None
         parts = None
         if self.cfg.read_scope == "partition" and meta.get("task") is not None:
-            mods = _per_image(meta.get("modality") or [""] * len(meta["task"]), b)
-            parts = [self.bank.partition_of(m, t) for m, t in zip(mods, _per_image(meta["task"], b),
+            mods = per_image(meta.get("modality") or [""] * len(meta["task"]), b)
+            parts = [self.bank.partition_of(m, t) for m, t in zip(mods, per_image(meta["task"], b),
                                                                   strict=True)]  # fmt: skip
         rows, valid = self.bank.top_k(keys, exclude, parts)
         embed = feats.image_embed
@@ -120,7 +111,7 @@ class MemoryConditioner(nn.Module):
         sub = feats.select(keep)
         maskmem = _sam2.encode_memory(sam, sub, logits[keep], out.object_score_logits[keep])
         keys = self.keys(sam, sub)
-        info = {k: _per_image(meta.get(k) or [""] * b, b) for k in ("case_id", "task", "modality")}
+        info = {k: per_image(meta.get(k) or [""] * b, b) for k in ("case_id", "task", "modality")}
         return [
             Entry(keys[j].cpu(), maskmem[j].to(torch.bfloat16).cpu(), float(conf[i]),
                   info["modality"][i], info["task"][i], info["case_id"][i], step)
