@@ -84,8 +84,8 @@ def read_prompts(path: str | Path) -> dict:
     return {"image": _prompt(data, f"prompts file {path}")}
 
 
-def _output_format(fmt: str, volume) -> str:
-    src = volume.meta.get("format")
+def _output_format(fmt: str, volume, src: str | None) -> str:
+    """The output format for `fmt` and an input read as `volume` from a `src` file format."""
     is_2d = volume.shape_zyx[0] == 1 and src == "image"
     if fmt == "auto":
         return "png" if is_2d else "dicom-seg" if src == "dicom" else "nifti"
@@ -107,11 +107,11 @@ def _output_format(fmt: str, volume) -> str:
 def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", modality="auto",
                  window=None, support=None, progress=True) -> Path:  # fmt: skip
     """Segment `input_path` with `model`; returns the mask file written (see the module doc)."""
-    from samed2_kit.medbank.io import read_volume
+    from samed2_kit.medbank.io import _format_of, read_volume
 
     input_path = Path(input_path)
     volume = read_volume(input_path)
-    fmt = _output_format(fmt, volume)
+    fmt = _output_format(fmt, volume, _format_of(input_path))
     prompts = read_prompts(prompts_path) if prompts_path else None
     stem = input_path.name.split(".")[0] if input_path.is_file() else input_path.name
     suffix = {"png": ".png", "nifti": ".nii.gz", "dicom-seg": ".dcm"}[fmt]
@@ -135,7 +135,8 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
 
     if fmt == "nifti":
         return export.write_nifti(mask, volume, target)
-    return export.write_dicom_seg(mask, input_path, target)
+    # a named segment, so that an empty prediction is still a valid (empty) Segmentation
+    return export.write_dicom_seg(mask, input_path, target, labels={1: "samed2 prediction"})
 
 
 def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:

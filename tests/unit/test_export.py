@@ -212,3 +212,22 @@ def test_dicom_seg_on_multiframe_source_with_descending_frames(tmp_path):
     segs = read_dicom_seg(write_dicom_seg(mask, tmp_path / "mf.dcm", tmp_path / "s.dcm"), ref)
     for s in segs:
         np.testing.assert_array_equal(s.mask, mask == s.label_id)
+
+
+def test_samed2_predict_on_a_dicom_series_writes_a_seg_that_references_it(tmp_path, tiny_model):
+    import json
+
+    from samed2_kit.cli import main
+    from samed2_kit.engine.checkpoint import save_model
+
+    _ct_series(tmp_path / "ct", [0.0, 2.0, 4.0, 6.0])
+    run = save_model(tiny_model, tmp_path / "run", {"recipe": {}})
+    (tmp_path / "p.json").write_text(json.dumps({"slices": {"1": {"box": [1, 1, 4, 6]}}}))
+    out = tmp_path / "seg.dcm"
+    assert main(["predict", str(run), str(tmp_path / "ct"), "--prompts", str(tmp_path / "p.json"),
+                 "--out", str(out), "--modality", "ct"]) == 0  # fmt: skip
+    ref = read_dicom_series(tmp_path / "ct")
+    seg = pydicom.dcmread(out)
+    assert seg.SeriesDescription and seg.ReferencedSeriesSequence[0].SeriesInstanceUID == SERIES_UID
+    segments = read_dicom_seg(out, reference=ref)
+    assert len(segments) == 1 and segments[0].mask.shape == ref.shape_zyx
