@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _common import alternate
 
 
 def make(variant: str, size: int, kind: str):
@@ -74,18 +73,6 @@ def fwd_fn(model, images, prompts, t):
             model(images, prompts, clip_len=t)
 
     return go
-
-
-def alternate(fns: dict, repeats: int) -> dict:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peak_rss_mb(args, size: int, kind: str) -> float:

@@ -8,7 +8,7 @@
    (`candidates`). Goal: <= 0.6 MB at 1024 px.
 3. training-step overhead: forward + Dice/BCE + backward + AdamW step (+ candidates + commit, as
    the training loop does) with memory at k=4 and a pre-filled bank, against the same model
-   without memory and against sam2's modules called directly (bench_wrapper.direct_sam2); median
+   without memory and against sam2's modules called directly (tests/_reference.py's direct_sam2); median
    of repeats run alternately. Goal: <= 1.25x.
 
     .venv/bin/python bench/bench_memory.py [--sizes 1000,10000,100000] [--key-dims 256,64]
@@ -19,16 +19,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import alternate
 
 from samed2_kit.memory import ConfidenceMemory, Entry, MemoryConfig, attach_memory
 from samed2_kit.memory.bank import case_code
 from samed2_kit.model import Prompts, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests._reference: the plain SAM 2 forward
 
 MODEL_ID = {"variant": "bench", "image_size": 1024}
 
@@ -122,7 +127,7 @@ def real_entry(size: int, variant: str):
     meta = {"case_id": ["a"], "task": ["t"], "modality": ["ct"]}
     with torch.no_grad():
         out = model(images, Prompts(boxes=boxes), meta=meta)
-        entries = mem.candidates(model.sam, out, meta, 0)
+        entries = mem.entries_from(model.sam, out, meta, 0)
     assert len(entries) == 1
     return entries[0], time.perf_counter() - t
 
@@ -165,23 +170,10 @@ def dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return dice.mean() + F.binary_cross_entropy_with_logits(logits, target)
 
 
-def timed_round(fns: dict, repeats: int) -> dict:
-    """Median seconds of each function, run in turn (a, b, c, a, b, c, ...) after one warm-up."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: int, ks):
     """Median seconds per training step: plain sam2, ours without memory, ours with memory at
     each k in `ks` (the same model and bank); plus the parts of the memory step on their own."""
-    from bench_wrapper import direct_sam2
+    from tests._reference import direct_sam2
 
     torch.manual_seed(0)
     model = build_model(variant, image_size=size).train()
@@ -199,7 +191,7 @@ def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: 
             meta = {"case_id": [f"fill{i}-{j}" for j in range(batch)], "task": ["t"] * batch,
                     "modality": ["ct"] * batch}  # fmt: skip
             out = model(torch.randn(batch, 3, size, size), Prompts(boxes=boxes), meta=meta)
-            mem.commit(mem.candidates(sam, out, meta, 0))
+            mem.commit([mem.entries_from(sam, out, meta, 0)])
     fill_s = time.perf_counter() - t0
     bank = mem.bank
     meta = {"case_id": [f"q{j}" for j in range(batch)], "task": ["t"] * batch,
@@ -221,10 +213,10 @@ def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: 
             out = model(images, Prompts(boxes=boxes), meta=meta)
             loss = dice_bce(out.low_res_logits.float(), target)
             loss.backward()
-            entries = mem.candidates(sam, out, meta, step_no[0])
+            entries = mem.entries_from(sam, out, meta, step_no[0])
             opt.step()
             opt.zero_grad(set_to_none=True)
-            mem.commit(entries)
+            mem.commit([entries])
             step_no[0] += 1
 
         return go
@@ -244,18 +236,18 @@ def bench_step(variant: str, size: int, batch: int, repeats: int, fill_entries: 
         "ours": without(step(lambda: model(images, Prompts(boxes=boxes)).low_res_logits)),
         **{f"k={k}": with_memory(k) for k in ks},
     }
-    res = timed_round(fns, repeats)
+    res = alternate(fns, repeats)
     # the parts on their own, at the largest k
     bank.cfg.top_k = max(ks)
     with torch.no_grad():
         feats = model.encode(images, 1, meta)
         _, valid = bank.top_k(mem.keys(sam, feats), [f"q{j}" for j in range(batch)])
         out = model(images, Prompts(boxes=boxes), meta=meta)
-    entries = mem.candidates(sam, out, meta, 0)
-    parts = timed_round({
+    entries = mem.entries_from(sam, out, meta, 0)
+    parts = alternate({
         "read + memory attention (forward)": lambda: mem.condition(sam, feats, meta),
-        "candidates (memory encoder)": lambda: mem.candidates(sam, out, meta, 0),
-        "commit": lambda: mem.commit(entries),
+        "candidates (memory encoder)": lambda: mem.entries_from(sam, out, meta, 0),
+        "commit": lambda: mem.commit([entries]),
     }, repeats)  # fmt: skip
     mem.writing = False
     info = {"entries": len(bank), "fill_s": fill_s, "retrieved": int(valid.sum(1).min()),

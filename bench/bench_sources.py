@@ -1,6 +1,6 @@
 """Benchmark: the prompt sources' added time per training step and per prediction.
 
-One model per (variant, px), seeded; the sources are made with `attach_sources` (classes
+One model per (variant, px), seeded; the sources are made with `add_sources` (classes
 ["organ"]) once per source set and swapped onto it per call, so every arm runs the same weights on
 the same inputs. Arms: plain SAM 2 (sam2's image encoder, no_mem_embed, prompt encoder and mask
 decoder called directly); the wrapper with no sources (also with the support images passed: they
@@ -38,22 +38,22 @@ from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
 from samed2_kit.model import Prompts, build_model
 from samed2_kit.model.predictor import Predictor
 from samed2_kit.sources.hard import HardPrototypesConfig
-from samed2_kit.sources.registry import SourcesConfig, attach_sources
+from samed2_kit.model.assemble import add_sources
 from samed2_kit.sources.similarity import SimilarityPriorConfig
 
 CLASSES = ["organ"]
 BOX = (0.2, 0.2, 0.7, 0.8)  # x0, y0, x1, y1 as fractions of the side; the gt is this rectangle
 
 
-def source_sets() -> dict[str, SourcesConfig]:
+def source_sets() -> dict[str, dict]:
     sim, hard = SimilarityPriorConfig(warmup_updates=0), HardPrototypesConfig()
     dsgim = SimilarityPriorConfig(warmup_updates=0, dsgim=True)
     return {
-        "none": SourcesConfig(),
-        "sim": SourcesConfig(similarity_prior=sim),
-        "dsgim": SourcesConfig(similarity_prior=dsgim),
-        "hard": SourcesConfig(hard_prototypes=hard),
-        "both": SourcesConfig(similarity_prior=sim, hard_prototypes=hard),
+        "none": {},
+        "sim": {"similarity_prior": sim},
+        "dsgim": {"similarity_prior": dsgim},
+        "hard": {"hard_prototypes": hard},
+        "both": {"similarity_prior": sim, "hard_prototypes": hard},
     }
 
 
@@ -96,12 +96,13 @@ def plain_decode(sam, embed, high_res, boxes):
 
 
 def attach_sets(model) -> dict:
-    """{set name: (prompt_sources, source_gates)} made with attach_sources, seeded alike."""
+    """{set name: (prompt_sources, source_gates)} made with add_sources, seeded alike."""
     sets = {}
     for name, cfg in source_sets().items():
         model.prompt_sources, model.source_gates = nn.ModuleDict(), nn.ParameterDict()
+        model.source_kinds = {}
         torch.manual_seed(1)
-        attach_sources(model, cfg, CLASSES)
+        add_sources(model, cfg, CLASSES)
         sets[name] = (model.prompt_sources, model.source_gates)
     return sets
 
@@ -120,7 +121,7 @@ def prefill(model, sets: dict, batches: list, gt, meta) -> int:
         for src in sources.values():
             if hasattr(src, "commit"):
                 for i, f in enumerate(feats):
-                    src.commit([src.candidates(f, gt[: len(batches[i])], meta)], 1.0 - 0.01 * i)
+                    src.commit([src.rows_from(f, gt[: len(batches[i])], meta)], 1.0 - 0.01 * i)
                 filled.append(int(src.filled.min()))
     return min(filled)
 
@@ -185,7 +186,7 @@ def bench_train(variant: str, size: int, batch: int, steps: int, warmup: int) ->
                            out.source_logits)  # fmt: skip
             loss.total.backward()
             stateful = {n: s for n, s in model.prompt_sources.items() if hasattr(s, "commit")}
-            items = {n: s.candidates(out.encoder_features, gt, meta) for n, s in stateful.items()}
+            items = {n: s.rows_from(out.encoder_features, gt, meta) for n, s in stateful.items()}
             opt.step()
             opt.zero_grad(set_to_none=True)
             for n, s in stateful.items():

@@ -4,7 +4,7 @@ All arms train the same model from the same init on the same medbank store (the 
 HC18 task), box prompts, fp32, and report optimizer steps/s and images/s (median step time after
 2 warm-up steps):
 
-- plain SAM 2: sam2's modules called directly (bench_wrapper.direct_sam2), Dice+BCE loss, AdamW,
+- plain SAM 2: sam2's modules called directly (tests/_reference.py's direct_sam2), Dice+BCE loss, AdamW,
   batches from the same DataLoader; no Accelerate, no logging, no checkpoints;
 - engine, 1 process: `samed2_kit.engine.train.train` (Accelerate, global-batch sampler, SegLoss,
   step log, checkpoint every `--save-every` steps);
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(REPO))  # for tests._reference: the plain SAM 2 forward
 
 
 def recipe_for(args, batch: int, out: str | None):
@@ -69,10 +69,10 @@ def engine_worker(args) -> None:
 def plain_sam2(args) -> float:
     """Median seconds per step of a hand-written loop over sam2's modules."""
     import torch.nn.functional as F
-    from bench_wrapper import direct_sam2
 
     from samed2_kit.engine.data import EpochIndexed, make_loader, store_dataset
     from samed2_kit.model import build_model
+    from tests._reference import direct_sam2
 
     recipe = recipe_for(args, args.batch, None)
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def plain_sam2(args) -> float:
         t = time.perf_counter()  # data loading included, as in the engine's step time
         batch = next(batches)
         images, target = batch["image"], batch["mask"]  # (B, 3, S, S), (B, 1, S, S)
-        masks, _ = direct_sam2(sam, images, batch["box"])
+        masks = direct_sam2(sam, images, batch["box"])[0]
         target = F.interpolate(target, size=masks.shape[-2:], mode="nearest")
         prob = masks.sigmoid()
         dice = 1 - (2 * (prob * target).sum((1, 2, 3)) + 1) / (

@@ -1,6 +1,8 @@
 """Benchmark: SAMed2Model against the same sam2 modules called directly.
 
-Same weights, same inputs, same process; forward (inference, no grad) and a full training step
+The direct calls are `tests/_reference.py`'s `direct_sam2` (the forward `tests/unit/test_wrapper.py`
+checks the wrapper against), imported as `tests._reference` with the repository root put on
+`sys.path` below. Same weights, same inputs, same process; forward (inference, no grad) and a full training step
 (forward + loss + backward + AdamW step), median over repeats, at 256 and 512 px.
 
     .venv/bin/python bench/bench_wrapper.py [--variant tiny] [--batch 2] [--repeats 5] [--bf16]
@@ -10,51 +12,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
-import time
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import alternate
 
 from samed2_kit.model import Prompts, build_model
 
-
-def direct_sam2(sam, images, boxes):
-    """sam2's image path without our wrapper: encoder, no_mem_embed, prompt encoder, decoder."""
-    out = sam.forward_image(images)
-    _, feats, _, sizes = sam._prepare_backbone_features(out)
-    feats[-1] = feats[-1] + sam.no_mem_embed
-    b = images.shape[0]
-    maps = [f.permute(1, 2, 0).reshape(b, -1, *hw) for f, hw in zip(feats, sizes, strict=True)]
-    labels = torch.tensor([[2, 3]]).expand(b, 2)
-    sparse, dense = sam.sam_prompt_encoder(
-        points=(boxes.reshape(-1, 2, 2), labels), boxes=None, masks=None
-    )
-    masks, iou, _, _ = sam.sam_mask_decoder(
-        image_embeddings=maps[-1],
-        image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=False,
-        repeat_image=False,
-        high_res_features=maps[:-1],
-    )
-    return masks, iou
-
-
-def timed_pair(a, b, repeats: int) -> tuple[float, float]:
-    """Median seconds of `a` and `b`, run alternately (a, b, a, b, ...) so drift hits both alike."""
-    a(), b()  # warm-up
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, acc in ((a, ta), (b, tb)):
-            t = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t)
-    return statistics.median(ta), statistics.median(tb)
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # for tests._reference: the plain SAM 2 forward
 
 
 def run(variant: str, size: int, batch: int, repeats: int, bf16: bool) -> dict:
+    from tests._reference import direct_sam2
+
     torch.manual_seed(0)
     model = build_model(variant, image_size=size)
     sam = model.sam
@@ -84,15 +57,11 @@ def run(variant: str, size: int, batch: int, repeats: int, bf16: bool) -> dict:
         return go
 
     model.eval()
-    res = dict(
-        zip(("fwd_direct", "fwd_ours"), timed_pair(fwd_direct, fwd_ours, repeats), strict=True)
-    )
+    res = alternate({"fwd_direct": fwd_direct, "fwd_ours": fwd_ours}, repeats)
     model.train()
     step_direct = step(lambda: direct_sam2(sam, images, boxes)[0])
     step_ours = step(lambda: model(images, Prompts(boxes=boxes)).low_res_logits)
-    res.update(
-        zip(("step_direct", "step_ours"), timed_pair(step_direct, step_ours, repeats), strict=True)
-    )
+    res |= alternate({"step_direct": step_direct, "step_ours": step_ours}, repeats)
     return res
 
 

@@ -19,20 +19,12 @@ reached confidence 0.6): hence fetal head in both parts.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from _sets import SHARED, write_spec
+from _sets import study_overrides, study_setup
 
 MEMORY = "memory={threshold: 0.5, capacity: 64, top_k: 4, partition_by: task}"
-
-
-def base(args, spec: Path, store: Path) -> list[str]:
-    return ["model.variant=test-tiny", "model.image_size=256", f"data.spec={spec}",
-            f"data.store={store}", "train.batch_size=4", "train.lr=0.0005",
-            "train.warmup_steps=20", "train.mixed_precision=no", "train.seed=0",
-            "train.tensorboard=false", "eval.split=test"]  # fmt: skip
 
 
 def joint(args, common: list[str], memory: bool) -> dict:
@@ -70,17 +62,11 @@ def continual(args, common: list[str], arm: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--out", type=Path, default=Path("/tmp/study-memory"))
-    p.add_argument("--only", choices=["joint", "continual"])
-    args = p.parse_args()
-    if not SHARED.is_dir():
-        print(f"{SHARED} is absent: this study reads the in-house data beside the project")
+    setup = study_setup(__doc__, "study-memory", ["joint", "continual"], (0.7, 0.15, 0.15))
+    if setup is None:
         return
-    args.out.mkdir(parents=True, exist_ok=True)
-    spec = write_spec(args.out / "spec.yaml", "study-memory", 0.7, 0.15, 0.15)
-    common = base(args, spec, args.out / "store")
+    args, spec = setup
+    common = study_overrides(spec, args.out / "store")
     results = {}
     if args.only != "continual":
         results["joint"] = {

@@ -20,13 +20,12 @@ endoscopy), breast lesion (BUSI, ultrasound).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from _sets import SHARED, write_spec
+from _sets import study_overrides, study_setup
 
 SEEN, UNSEEN = ["fetal_head", "polyp"], "breast_lesion"
 TASKS = [*SEEN, UNSEEN]
@@ -35,16 +34,9 @@ HARD = ["sources.hard_prototypes={}", "data.episodes=true", "loss.boundary=0.5",
 PRIOR = ["sources.similarity_prior={slots: 32, dim: 64, warmup_updates: 50}", GATES]
 
 
-def common(args, spec: Path, store: Path) -> list[str]:
-    return ["model.variant=test-tiny", "model.image_size=256", f"data.spec={spec}",
-            f"data.store={store}", "train.batch_size=4", "train.lr=0.0005",
-            "train.warmup_steps=20", "train.mixed_precision=no", "train.seed=0",
-            "train.tensorboard=false", "eval.split=test", f"train.steps={args.steps}"]  # fmt: skip
-
-
 def train_arm(args, base: list[str], name: str, tasks: list[str], extra: list[str]):
     from samed2_kit.config import load_recipe
-    from samed2_kit.engine.checkpoint import load_model
+    from samed2_kit.model.assemble import load as load_model
     from samed2_kit.engine.run import run_recipe
 
     recipe = load_recipe(None, [*base, f"data.tasks=[{', '.join(tasks)}]", *extra])
@@ -134,19 +126,13 @@ def table(title: str, rows: dict) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=800)
-    p.add_argument("--out", type=Path, default=Path("/tmp/study-sources"))
-    p.add_argument("--only", choices=["few-shot", "fine-tune"])
-    args = p.parse_args()
-    if not SHARED.is_dir():
-        print(f"{SHARED} is absent: this study reads the in-house data beside the project")
+    setup = study_setup(__doc__, "study-sources", ["few-shot", "fine-tune"], (0.6, 0.1, 0.3))
+    if setup is None:
         return
+    args, spec = setup
     torch.set_num_threads(2)
-    args.out.mkdir(parents=True, exist_ok=True)
-    spec = write_spec(args.out / "spec.yaml", "study-sources", 0.6, 0.1, 0.3)
     store = str(args.out / "store")
-    base = common(args, spec, Path(store))
+    base = [*study_overrides(spec, Path(store)), f"train.steps={args.steps}"]
     results = {}
     if args.only != "fine-tune":
         results["few_shot"] = few_shot(args, base, store)

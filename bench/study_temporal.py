@@ -69,7 +69,8 @@ def evaluate_clips(model, store: str, t: int) -> dict[str, list[float]]:
 
 def run_arm(store: str, adapters: bool, steps: int, t: int) -> dict[str, list[float]]:
     from samed2_kit.config import load_recipe
-    from samed2_kit.engine.train import inject_adapters, train
+    from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import add_adapters
     from samed2_kit.model import build_model
 
     overrides = [f"train.steps={steps}", "train.batch_size=2", f"data.clip_len={t}",
@@ -84,7 +85,7 @@ def run_arm(store: str, adapters: bool, steps: int, t: int) -> dict[str, list[fl
     recipe = load_recipe(None, overrides)
     torch.manual_seed(0)
     model = build_model("test-tiny", image_size=256)
-    inject_adapters(model, recipe)
+    add_adapters(model, recipe.adapters)
     model, result, accel = train(recipe, model, store, progress=False)
     accel.end_training()
     print(f"  trained {'with' if adapters else 'without'} adapters: {result.seconds:.0f} s, final loss "

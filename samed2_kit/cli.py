@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from samed2_kit.config import EVAL_PROTOCOLS, PREDICT_FORMATS
+
 REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 
@@ -91,8 +93,9 @@ def cmd_eval(args) -> int:
 
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine import report
-    from samed2_kit.engine.checkpoint import load_model
     from samed2_kit.engine.items import items_from_store, model_supports
+    from samed2_kit.medbank.store import default_store
+    from samed2_kit.model.assemble import load as load_model
 
     run = Path(args.weights)
     if not run.exists():
@@ -102,7 +105,7 @@ def cmd_eval(args) -> int:
         args.overrides, args.data = [args.data, *args.overrides], None  # a key=value, not DATA
     recipe = _eval_recipe(folder, args)
     cfg = recipe.eval
-    store = args.data or recipe.data.store or str(folder.with_name(folder.name + "-store"))
+    store = args.data or recipe.data.store or str(default_store(folder))
     out = Path(args.out) if args.out else folder / f"eval-{cfg.split}-{cfg.prompt}"
     # under `accelerate launch` this joins the process group (CPU ranks need ACCELERATE_USE_CPU)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -151,7 +154,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from samed2_kit.engine.checkpoint import load_model
+    from samed2_kit.model.assemble import load as load_model
     from samed2_kit.predict import predict_file
 
     model = load_model(args.weights).eval()
@@ -185,8 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("weights", help="run folder (model.safetensors + model.json)")
     e.add_argument("data", nargs="?", help="medbank store (default: the recipe's, or RUN-store)")
     e.add_argument("--split", help="store split to evaluate (default: the recipe's eval.split)")
-    protocols = ("box", "point", "box+clicks", "support")  # config.EVAL_PROTOCOLS (imports torch)
-    e.add_argument("--protocol", choices=protocols, help="prompt protocol (eval.prompt)")
+    e.add_argument("--protocol", choices=EVAL_PROTOCOLS, help="prompt protocol (eval.prompt)")
     e.add_argument("--clicks", type=int, help="corrective clicks for box+clicks (eval.clicks)")
     e.add_argument("--out", help="output folder (default: WEIGHTS/eval-SPLIT-PROTOCOL)")
     e.add_argument("--recipe", help="recipe to evaluate with (default: the saved one)")
@@ -206,14 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("input", help="2D image, NIfTI/NRRD volume or DICOM series folder")
     pr.add_argument("--prompts", help='JSON: {"box": [...]} (2D) or {"slices": {"40": {...}}}')
     pr.add_argument("--out", help="output file or folder (default: beside the input)")
-    formats = ("auto", "png", "nifti", "dicom-seg")  # predict.FORMATS (predict imports numpy)
-    pr.add_argument("--format", default="auto", choices=formats,
+    pr.add_argument("--format", default="auto", choices=PREDICT_FORMATS,
                     help="auto: png for 2D, dicom-seg for DICOM, else nifti")  # fmt: skip
     pr.add_argument("--modality", default="auto", help="intensity handling: auto, ct, mr, 2d")
     pr.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
                     help="CT window in HU (default 40 400)")  # fmt: skip
     pr.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
-                    help="few-shot support (repeatable; models with hard_prototypes)")  # fmt: skip
+                    help="few-shot support (repeatable; models with a support-reading source)")  # fmt: skip
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="versions and model variants")

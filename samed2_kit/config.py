@@ -3,24 +3,28 @@
 Unknown keys are errors that name the key, the file and the nearest valid key.
 
     recipe = load_recipe("recipes/quickstart.yaml", ["train.steps=50", "model.image_size=512"])
+
+This module imports no torch: the CLI parser reads its constants. The `adapters:` and `sources:`
+sections are mappings from a registered kind's name to its config (`samed2_kit.registry`);
+their config classes are imported when a recipe is read. `docs/recipe-reference.md` lists every
+key (`python scripts/recipe_reference.py` writes it from these dataclasses).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from samed2_kit.adapters.lora import LoraSpec
-from samed2_kit.adapters.temporal import TemporalAdapterConfig
-from samed2_kit.losses import LossConfig
-from samed2_kit.memory.bank import MemoryConfig
+from samed2_kit import registry
 from samed2_kit.prompts import PromptConfig
-from samed2_kit.sources.registry import SourcesConfig
+from samed2_kit.utils.dataconf import apply_overrides, from_dict, to_dict
+
+__all__ = [
+    "EVAL_PROTOCOLS", "PREDICT_FORMATS", "ContinualConfig", "DataConfig", "EvalConfig", "LossConfig",
+    "MemoryConfig", "ModelConfig", "Recipe", "StageConfig", "TrainConfig", "apply_overrides",
+    "from_dict", "load_recipe", "to_dict",
+]  # fmt: skip
 
 
 @dataclass
@@ -45,14 +49,6 @@ class DataConfig:
     # few-shot episodes: each training sample comes with a support (same task, another case),
     # for the hard_prototypes source (`engine.episodes`); clip_len must be 1
     episodes: bool = False
-
-
-@dataclass
-class AdaptersConfig:
-    """Adapters injected before training (None = not used)."""
-
-    temporal: TemporalAdapterConfig | None = None  # mixes T adjacent slices in the Hiera blocks
-    lora: LoraSpec | None = None  # peft LoRA by preset: encoder-attn | decoder-attn | all-linear
 
 
 @dataclass
@@ -90,6 +86,7 @@ class TrainConfig:
 
 
 EVAL_PROTOCOLS = ("box", "point", "box+clicks", "support")
+PREDICT_FORMATS = ("auto", "png", "nifti", "dicom-seg")  # `samed2 predict --format`
 MAX_EVAL_CLICKS = 20
 
 
@@ -98,7 +95,7 @@ class EvalConfig:
     """Evaluation protocol (`samed2_kit.engine.evaluate`); values are checked on construction."""
 
     # box | point | box+clicks (box, then corrective clicks from the errors) | support (few-shot:
-    # no prompt, the task's support examples only; needs the hard_prototypes source)
+    # no prompt, the task's support examples only; needs a source that reads supports)
     prompt: str = "box"
     clicks: int = 5  # corrective clicks after the box for box+clicks (0..20)
     nsd_tolerance_mm: float = 2.0  # NSD tolerance in mm for modalities not listed below
@@ -145,6 +142,77 @@ class EvalConfig:
 
 
 @dataclass
+class LossConfig:
+    """Weights of the loss terms (>= 0; a weight of 0 skips that term).
+
+    Attributes:
+        dice_ce: MONAI ``DiceCELoss(sigmoid=True)`` (soft Dice + pixel-mean BCE) on the mask logits.
+        focal: MONAI ``FocalLoss(gamma=2, alpha=0.25)`` (sigmoid, pixel mean) on the mask logits.
+        iou: MSE between the predicted IoU and the real IoU of ``(logits > 0)`` vs gt.
+        object_score: BCE-with-logits on the object score; target is "gt is non-empty".
+        boundary: the BF1 boundary loss (`boundary_loss`, CoW's L_bound) on the chosen mask.
+        source: Dice + BCE on each prompt source's own prediction (`SAMed2Output.source_logits`,
+            e.g. the hard-prototype map), so the source learns directly, not only through its gate.
+    """
+
+    dice_ce: float = 1.0
+    focal: float = 0.0
+    iou: float = 1.0
+    object_score: float = 1.0
+    boundary: float = 0.0
+    source: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("dice_ce", "focal", "iou", "object_score", "boundary", "source"):
+            if float(getattr(self, name)) < 0:
+                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.dice_ce + self.focal + self.iou + self.object_score == 0:
+            raise ValueError(
+                "LossConfig: all weights are 0; set at least one of dice_ce/focal/iou/object_score > 0."
+            )
+
+
+PARTITION_BY = ("task", "modality", "none")
+REPLACE_RULES = ("nearest", "diversity")
+
+
+@dataclass
+class MemoryConfig:
+    """Recipe section `memory:` (None: no memory)."""
+
+    key_pool: int = 1  # key = image embedding average-pooled to g x g: C * g^2 values ...
+    key_dim: int | None = 64  # ... projected to this many (fixed seeded Gaussian); None: keep all
+    top_k: int = 4  # entries retrieved per image (independent of the batch size)
+    conf_weight: float = 0.1  # lambda in score = cosine + lambda * confidence
+    threshold: float = 0.8  # write only predictions at least this confident
+    capacity: int = 256  # entries per partition
+    capacities: dict[str, int] = field(default_factory=dict)  # per-partition overrides
+    partition_by: str = "task"  # task | modality | none
+    replace: str = "nearest"  # nearest (SAMed-2) | diversity (MedSAM-2)
+    stability: bool = False  # confidence = predicted IoU x stability score
+    read_scope: str = "all"  # all: retrieve from every partition | partition: the query's own
+
+    def __post_init__(self) -> None:
+        if self.partition_by not in PARTITION_BY:
+            raise ValueError(f"memory.partition_by={self.partition_by!r}: one of {PARTITION_BY}")
+        if self.replace not in REPLACE_RULES:
+            raise ValueError(f"memory.replace={self.replace!r}: one of {REPLACE_RULES}")
+        if self.read_scope not in ("all", "partition"):
+            raise ValueError(f"memory.read_scope={self.read_scope!r}: all or partition")
+        for name, value in {"capacity": self.capacity, **{f"capacities.{k}": v for k, v in
+                            self.capacities.items()}}.items():  # fmt: skip
+            if value < 1:
+                raise ValueError(f"memory.{name}={value} must be >= 1")
+        if self.top_k < 1 or self.key_pool < 1 or not 0 <= self.threshold <= 1:
+            raise ValueError("memory: top_k >= 1, key_pool >= 1 and 0 <= threshold <= 1")
+        if self.key_dim is not None and self.key_dim < 1:
+            raise ValueError(f"memory.key_dim={self.key_dim} must be >= 1 (or null: no projection)")
+
+    def capacity_of(self, partition: str) -> int:
+        return self.capacities.get(partition, self.capacity)
+
+
+@dataclass
 class StageConfig:
     """One stage of continual training: train on `tasks` for `steps` optimizer steps."""
 
@@ -177,103 +245,22 @@ class ContinualConfig:
 @dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
-    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    # {kind: config} of the adapters to inject (`samed2_kit.registry.ADAPTERS`), e.g.
+    # {temporal: {rank: 32}, lora: {preset: encoder-attn}}
+    adapters: dict[str, Any] = field(
+        default_factory=dict, metadata={"kinds": registry.adapter_configs}
+    )
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig | None = None  # confidence memory (SAMed-2); None: no memory
-    sources: SourcesConfig = field(default_factory=SourcesConfig)  # prompt sources (off)
+    # {kind: config} of the prompt sources (`samed2_kit.registry.SOURCES`); {}: none
+    sources: dict[str, Any] = field(
+        default_factory=dict, metadata={"kinds": registry.source_configs}
+    )
     continual: ContinualConfig | None = None  # stages trained one after the other
     out_dir: str = "runs/quickstart"
-
-
-def _strip_optional(tp):
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0] if len(args) == 1 else tp, True
-    return tp, False
-
-
-def _coerce(value: Any, tp, where: str, source: str):
-    tp, optional = _strip_optional(tp)
-    if value is None:
-        if optional:
-            return None
-        raise ValueError(f"{where} in {source} must not be empty")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, source)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ValueError(f"{where} in {source} must be a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]", source) for i, v in enumerate(value)]
-    if origin is tuple:
-        return tuple(value)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{where} in {source} must be a mapping, got {value!r}")
-        kt, vt = typing.get_args(tp)
-        out = {}
-        for k, v in value.items():
-            if kt is int and isinstance(k, str) and k.strip().lstrip("-").isdigit():
-                k = int(k)  # JSON-style "1": name
-            out[_coerce(k, kt, f"{where} key {k!r}", source)] = _coerce(
-                v, vt, f"{where}.{k}", source
-            )
-        return out
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{where} in {source} must be true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where} in {source} must be a number, got {value!r}")
-        if tp is int and float(value) != int(value):
-            raise ValueError(f"{where} in {source} must be an integer, got {value!r}")
-        return tp(value)
-    if tp is str:
-        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes as a bool: give the word back
-            return "yes" if value else "no"
-        return str(value)
-    return value
-
-
-def from_dict(cls, data: dict | None, where: str = "", source: str = "<recipe>"):
-    """Build dataclass `cls` from a mapping; unknown keys are a ValueError naming the nearest."""
-    data = data or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'recipe'} in {source} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        full = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise ValueError(f"unknown key '{full}' in {source}{hint} (valid: {', '.join(names)})")
-        kwargs[key] = _coerce(value, hints[key], full, source)
-    return cls(**kwargs)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML) to a nested mapping, in place."""
-    import yaml
-
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=100)")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"override {item!r}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
@@ -302,8 +289,3 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     ):
         recipe.data.spec = str((path.parent / spec).resolve())
     return recipe
-
-
-def to_dict(obj) -> dict:
-    """A recipe (or any dataclass) as plain JSON-able data."""
-    return dataclasses.asdict(obj)

@@ -12,38 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from samed2_kit.config import LossConfig
+
 __all__ = ["LossConfig", "LossOutput", "SegLoss", "boundary_loss", "real_iou"]
-
-
-@dataclass
-class LossConfig:
-    """Weights of the loss terms (>= 0; a weight of 0 skips that term).
-
-    Attributes:
-        dice_ce: MONAI ``DiceCELoss(sigmoid=True)`` (soft Dice + pixel-mean BCE) on the mask logits.
-        focal: MONAI ``FocalLoss(gamma=2, alpha=0.25)`` (sigmoid, pixel mean) on the mask logits.
-        iou: MSE between the predicted IoU and the real IoU of ``(logits > 0)`` vs gt.
-        object_score: BCE-with-logits on the object score; target is "gt is non-empty".
-        boundary: the BF1 boundary loss (`boundary_loss`, CoW's L_bound) on the chosen mask.
-        source: Dice + BCE on each prompt source's own prediction (`SAMed2Output.source_logits`,
-            e.g. the hard-prototype map), so the source learns directly, not only through its gate.
-    """
-
-    dice_ce: float = 1.0
-    focal: float = 0.0
-    iou: float = 1.0
-    object_score: float = 1.0
-    boundary: float = 0.0
-    source: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("dice_ce", "focal", "iou", "object_score", "boundary", "source"):
-            if float(getattr(self, name)) < 0:
-                raise ValueError(f"LossConfig.{name} must be >= 0, got {getattr(self, name)}.")
-        if self.dice_ce + self.focal + self.iou + self.object_score == 0:
-            raise ValueError(
-                "LossConfig: all weights are 0; set at least one of dice_ce/focal/iou/object_score > 0."
-            )
 
 
 @dataclass

@@ -17,50 +17,29 @@ or a DICOM Segmentation referencing the source series (`--format dicom-seg`, def
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("auto", "png", "nifti", "dicom-seg")
+from samed2_kit.prompts import Prompt, check_prompt
+
+FILE_FIELDS = ("box", "points", "labels")  # a prompts file's keys (a Prompt without mask)
 
 
-@dataclass
-class Prompt2D:
-    box: np.ndarray | None = None
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-
-    def kwargs(self) -> dict:
-        return {"box": self.box, "point_coords": self.points, "point_labels": self.labels}
-
-
-def _prompt(entry, where: str) -> Prompt2D:
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where}: expected an object with box / points / labels, got {entry!r}")
-    unknown = set(entry) - {"box", "points", "labels"}
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (use box, points, labels)")
-    p = Prompt2D()
-    try:
-        if entry.get("box") is not None:
-            p.box = np.asarray(entry["box"], np.float32).reshape(4)
-        if entry.get("points") is not None:
-            p.points = np.asarray(entry["points"], np.float32).reshape(-1, 2)
-            p.labels = np.asarray(entry.get("labels", [1] * len(p.points)), np.int64).reshape(-1)
-    except (TypeError, ValueError) as e:
-        raise ValueError(
-            f"{where}: box must be 4 numbers [x0, y0, x1, y1], points a list of [x, y] ({e})"
-        ) from e
-    if p.points is not None and len(p.labels) != len(p.points):
-        raise ValueError(f"{where}: {len(p.points)} points but {len(p.labels)} labels")
-    if p.box is None and p.points is None:
-        raise ValueError(f"{where}: give a box and/or points")
-    return p
+def _prompt(entry, where: str) -> Prompt:
+    """A prompts file's entry -> a Prompt (labels default to 1 for every point); shapes checked,
+    ranges later, against the image (Predictor) or the slice (propagate_volume)."""
+    if isinstance(entry, dict) and entry.get("points") is not None and entry.get("labels") is None:
+        try:
+            n = np.asarray(entry["points"], np.float32).size // 2
+        except (TypeError, ValueError):
+            n = 0  # check_prompt names the bad points
+        entry = {**entry, "labels": [1] * n}
+    return check_prompt(entry, where=where, fields=FILE_FIELDS)
 
 
 def read_prompts(path: str | Path) -> dict:
-    """{"image": Prompt2D} for a 2D prompts file, {"slices": {z: Prompt2D}} for a volume's."""
+    """{"image": Prompt} for a 2D prompts file, {"slices": {z: Prompt}} for a volume's."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist")
@@ -72,16 +51,19 @@ def read_prompts(path: str | Path) -> dict:
         ) from e
     if not isinstance(data, dict):
         raise ValueError(f"prompts file {path}: the top level must be an object")
-    if "slices" in data:
+    try:
+        if "slices" not in data:
+            return {"image": _prompt(data, "")}
         if not isinstance(data["slices"], dict) or not data["slices"]:
-            raise ValueError(f'prompts file {path}: "slices" must map slice numbers to prompts')
+            raise ValueError('"slices" must map slice numbers to prompts')
         out = {}
         for key, entry in data["slices"].items():
             if not str(key).lstrip("-").isdigit():
-                raise ValueError(f"prompts file {path}: slice key {key!r} is not a slice number")
-            out[int(key)] = _prompt(entry, f"prompts file {path}, slice {key}")
+                raise ValueError(f"slice key {key!r} is not a slice number")
+            out[int(key)] = _prompt(entry, f'slices["{key}"]')
         return {"slices": out}
-    return {"image": _prompt(data, f"prompts file {path}")}
+    except ValueError as e:
+        raise ValueError(f"prompts file {path}: {e}") from e
 
 
 def _output_format(fmt: str, volume, src: str | None) -> str:
@@ -128,8 +110,7 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
         )
     from samed2_kit.volume import propagate_volume
 
-    slices = {z: p.__dict__ for z, p in prompts["slices"].items()}
-    mask = propagate_volume(model, volume, slices, modality=modality, window=window,
+    mask = propagate_volume(model, volume, prompts["slices"], modality=modality, window=window,
                             progress=progress)  # fmt: skip
     from samed2_kit import export
 
@@ -153,8 +134,9 @@ def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:
     if prompts is not None and "slices" in prompts:
         raise ValueError('a 2D image takes a prompts file without "slices": {"box": [...]}')
     pred.set_image(image, modality=modality, window=window)
-    kwargs = prompts["image"].kwargs() if prompts else {}
-    masks, _, _ = pred.predict(**kwargs, multimask_output=False)
+    p = prompts["image"] if prompts else Prompt()
+    masks, _, _ = pred.predict(point_coords=p.points, point_labels=p.labels, box=p.box,
+                               multimask_output=False)  # fmt: skip
     return masks[0]
 
 

@@ -1,4 +1,9 @@
-"""Seeded prompt sampling (boxes, points) from ground-truth masks, for training and evaluation.
+"""Prompts: the `Prompt` class, its validation (`check_prompt`), and seeded prompt sampling
+(boxes, points) from ground-truth masks, for training and evaluation.
+
+`Prompt` is the one user-level prompt: the Predictor's arguments, `samed2 predict`'s prompts file
+and `propagate_volume`'s per-slice prompts all go through `check_prompt`. (The model's batched
+tensors are `samed2_kit.model.wrapper.Prompts`, in model-input pixels.)
 
 Coordinates are pixel coordinates of the given mask in SAM's (x, y) order: x = column, y = row.
 Boxes are ``xyxy`` with SAM's *max-index* convention (as SAM / MedSAM training code does):
@@ -41,12 +46,111 @@ class PromptConfig:
 
 @dataclass
 class Prompt:
-    """A prompt: ``box`` (4,) float32 xyxy, ``points`` (N, 2) float32 xy, ``labels`` (N,) int64
-    (1 = foreground, 0 = background); unused parts are None."""
+    """A prompt on one image (or one slice of a volume), in pixels of that image, x before y.
+
+    ``box`` (4,) float32 x0, y0, x1, y1; ``points`` (N, 2) float32 x, y; ``labels`` (N,) int64,
+    1 = foreground, 0 = background, one per point; ``mask`` (H, W) bool, an existing mask of the
+    image (volume propagation takes it as the slice's result; empty = no object). Unused parts
+    are None. `check_prompt` validates one against its image's (H, W).
+    """
 
     box: np.ndarray | None = None
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+PROMPT_FIELDS = ("box", "points", "labels", "mask")
+
+
+def check_prompt(
+    prompt: Prompt | dict,
+    hw: tuple[int, int] | None = None,
+    where: str = "",
+    *,
+    fields: tuple[str, ...] = PROMPT_FIELDS,
+    names: dict[str, str] | None = None,
+    many_boxes: bool = False,
+) -> Prompt:
+    """A validated copy of `prompt` (a Prompt, or a dict of its fields) on an (H, W) image.
+
+    Returns box (4,) float32 (with ``many_boxes``: (K, 4), one object per box), points (N, 2)
+    float32, labels (N,) int64, mask (H, W) bool. Points with N = 0 count as no points; labels
+    without points are dropped. Checks: a dict's keys are in ``fields``; something is given;
+    shapes; one label per point, each 1 or 0; a mask comes alone (it is the result); with ``hw``,
+    every point and box corner lies in [0, W] x [0, H] and the mask is (H, W).
+
+    ``where`` names the prompt in errors (e.g. "prompts[40]"); ``names`` renames fields in them
+    (e.g. {"points": "point_coords"} for the Predictor's arguments). Raises ValueError naming the
+    field and the fix.
+    """
+    names = names or {}
+
+    def field(name: str) -> str:
+        return f"{where}.{names.get(name, name)}" if where else names.get(name, name)
+
+    at = f"{where}: " if where else ""
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(fields))
+        if unknown:
+            raise ValueError(f"{at}unknown keys {unknown}; use {', '.join(fields)}")
+        prompt = Prompt(**prompt)
+    elif not isinstance(prompt, Prompt):
+        raise ValueError(
+            f"{at}got a {type(prompt).__name__}: give a Prompt or a dict of {', '.join(fields)}"
+        )
+    box = pts = labels = mask = None
+    if prompt.box is not None:
+        try:
+            box = np.asarray(prompt.box, np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{field('box')} must be numbers [x0, y0, x1, y1] ({e})") from e
+        if box.size == 0 or box.size % 4 or box.ndim > 2 or (box.size > 4 and not many_boxes):
+            shape = "(4,) or (K, 4)" if many_boxes else "4"
+            raise ValueError(
+                f"{field('box')} must be {shape} numbers [x0, y0, x1, y1], got shape {box.shape}"
+            )
+        box = box.reshape(-1, 4) if many_boxes else box.reshape(4)
+    if prompt.points is not None:
+        try:
+            pts = np.asarray(prompt.points, np.float32).reshape(-1, 2)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{field('points')} must be a list of [x, y] ({e})") from e
+        pts = pts if len(pts) else None
+    if pts is None and box is None and prompt.mask is None:
+        hint = "a box and/or points (+ labels)" + (", or a mask" if "mask" in fields else "")
+        raise ValueError(f"{where or 'the prompt'} is empty: give {hint}")
+    if prompt.mask is not None:
+        mask = np.asarray(prompt.mask)
+        if mask.ndim != 2 or (hw is not None and mask.shape != tuple(hw)):
+            size = f"the image is {tuple(hw)}" if hw is not None else "expected (H, W)"
+            raise ValueError(f"{field('mask')} is {mask.shape}, {size}: give an (H, W) mask")
+        if pts is not None or box is not None:
+            raise ValueError(f"{at}a mask is the image's result; give it without points/box")
+        return Prompt(mask=mask if mask.dtype == bool else mask > 0)
+    if pts is not None:
+        if prompt.labels is None:
+            raise ValueError(f"{field('labels')} missing: give one label per point (1 fg, 0 bg)")
+        labels = np.asarray(prompt.labels).reshape(-1)
+        if len(labels) != len(pts):
+            raise ValueError(
+                f"{at}{len(pts)} {names.get('points', 'points')} but {len(labels)} "
+                f"{names.get('labels', 'labels')}: give one label per point (1 fg, 0 bg)"
+            )
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"{field('labels')} {labels.tolist()}: each must be 1 (fg) or 0 (bg)")
+        labels = labels.astype(np.int64)
+    if hw is not None:
+        h, w = hw
+        for name, xy in (("points", pts), ("box", None if box is None else box.reshape(-1, 2))):
+            bad = None if xy is None else (xy < 0) | (xy > [w, h])
+            if bad is not None and bad.any():
+                raise ValueError(
+                    f"{field(name)} {xy[bad.any(1)].tolist()} lies outside the {w}x{h} (WxH) "
+                    "image: coordinates are (x, y) in pixels of the image the prompt is on, "
+                    "x in [0, W], y in [0, H]"
+                )
+    return Prompt(box=box, points=pts, labels=labels)
 
 
 def _check_mask(mask: np.ndarray) -> np.ndarray:
@@ -147,6 +251,8 @@ def sample_prompt(mask: np.ndarray, cfg: PromptConfig, rng: np.random.Generator)
 
 def scale_prompt(prompt: Prompt, orig_hw: tuple[int, int], size: int) -> Prompt:
     """Map a prompt from an ``(H, W)`` image to a ``size x size`` model input: x * size / W, y * size / H."""
+    if prompt.mask is not None:
+        raise ValueError("scale_prompt maps box/points; resize a mask prompt with resize_mask")
     h, w = orig_hw
     factor = np.array([size / w, size / h], dtype=np.float64)
     box = None

@@ -19,39 +19,56 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from samed2_kit.adapters.lora import PEFT_PARAM_PATTERN
+from samed2_kit import registry
 
-TEMPORAL_PATTERN = r"\.temporal_adapter\."
-# Adapter parameters (any kind): excluded from the groups of SAM 2's own modules.
-ADAPTER_PATTERN = rf"{TEMPORAL_PATTERN}|{PEFT_PARAM_PATTERN}"
-_NOT_ADAPTER = rf"(?!.*(?:{ADAPTER_PATTERN}))"
 
-# group name -> regex (re.search) over full parameter names of a SAMed2Model
-GROUPS: dict[str, str] = {
-    "image_encoder": rf"^sam\.(?:image_encoder\.{_NOT_ADAPTER}|no_mem_embed$)",
-    "prompt_encoder": r"^sam\.sam_prompt_encoder\.",
-    "mask_decoder": rf"^sam\.sam_mask_decoder\.{_NOT_ADAPTER}",
-    "temporal_adapter": TEMPORAL_PATTERN,
-    "lora": PEFT_PARAM_PATTERN,
-    "prompt_sources": r"^(?:prompt_sources|source_gates)\.",
-    # the confidence memory reads through sam2's memory attention and writes through its memory
-    # encoder: they train with it
-    "memory": r"^(?:memory\.|sam\.(?:memory_attention|memory_encoder)\.|sam\.maskmem_tpos_enc$"
-    r"|sam\.no_obj_embed_spatial$)",
-    "all": r".",
-}
+def adapter_pattern() -> str:
+    """Regex matching the parameters of every registered adapter kind: kept out of the groups of
+    SAM 2's own modules, saved in adapter files."""
+    return "|".join(f"(?:{k.pattern})" for k in registry.adapter_kinds())
 
-# train.mode of a recipe -> the groups it trains (plus whichever of OPTIONAL_GROUPS the model has)
+
+def groups() -> dict[str, str]:
+    """Group name -> regex (re.search) over full parameter names of a SAMed2Model: SAM 2's own
+    modules (adapter parameters inside them excluded), one group per adapter kind, the prompt
+    sources, the memory, and `all`."""
+    not_adapter = rf"(?!.*(?:{adapter_pattern()}))"
+    out = {
+        "image_encoder": rf"^sam\.(?:image_encoder\.{not_adapter}|no_mem_embed$)",
+        "prompt_encoder": r"^sam\.sam_prompt_encoder\.",
+        "mask_decoder": rf"^sam\.sam_mask_decoder\.{not_adapter}",
+    }
+    out.update({k.group_name: k.pattern for k in registry.adapter_kinds()})
+    out["prompt_sources"] = SOURCES_GROUP
+    out["memory"] = MEMORY_GROUP
+    out["all"] = r"."
+    return out
+
+
+SOURCES_GROUP = r"^(?:prompt_sources|source_gates)\."
+# the confidence memory reads through sam2's memory attention and writes through its memory
+# encoder: they train with it
+MEMORY_GROUP = (
+    r"^(?:memory\.|sam\.(?:memory_attention|memory_encoder)\.|sam\.maskmem_tpos_enc$"
+    r"|sam\.no_obj_embed_spatial$)"
+)
+
+# train.mode of a recipe -> the groups it trains (plus the adapter, source and memory groups the
+# model has: `optional_groups`)
 MODE_GROUPS: dict[str, list[str]] = {
     "full": ["image_encoder", "prompt_encoder", "mask_decoder"],
     "decoder": ["prompt_encoder", "mask_decoder"],
 }
-OPTIONAL_GROUPS = ["temporal_adapter", "lora", "prompt_sources", "memory"]
+
+
+def optional_groups() -> list[str]:
+    """Groups that train in every `train.mode` when the model has them."""
+    return [k.group_name for k in registry.adapter_kinds()] + ["prompt_sources", "memory"]
 
 
 @dataclass
 class FreezePolicy:
-    """train: group names (GROUPS) or regexes over parameter names; lr_mult: group name or regex
+    """train: group names (`groups()`) or regexes over parameter names; lr_mult: group name or regex
     -> learning-rate multiplier (first matching entry wins; default 1.0)."""
 
     train: list[str]
@@ -59,11 +76,12 @@ class FreezePolicy:
 
 
 def _regex(entry: str, where: str) -> re.Pattern:
+    named = groups()
     try:
-        return re.compile(GROUPS.get(entry, entry))
+        return re.compile(named.get(entry, entry))
     except re.error as e:
         raise ValueError(
-            f"{where} entry {entry!r} is neither a group {sorted(GROUPS)} nor a valid regex: {e}"
+            f"{where} entry {entry!r} is neither a group {sorted(named)} nor a valid regex: {e}"
         ) from e
 
 
@@ -78,7 +96,7 @@ def policy_for_mode(model: nn.Module, mode: str, lr_mult: dict[str, float] | Non
     sources and memory the model has."""
     if mode not in MODE_GROUPS:
         raise ValueError(f"train.mode={mode!r}: choose one of {sorted(MODE_GROUPS)}")
-    extra = [g for g in OPTIONAL_GROUPS if matching(model, g)]
+    extra = [g for g in optional_groups() if matching(model, g)]
     if getattr(model, "memory", None) is None and "memory" in extra:
         extra.remove("memory")  # sam2's memory modules sit unused without our memory
     return FreezePolicy(train=MODE_GROUPS[mode] + extra, lr_mult=dict(lr_mult or {}))
@@ -89,7 +107,7 @@ def apply_policy(model: nn.Module, policy: FreezePolicy) -> list[dict]:
     `{"params": [...], "lr_mult": m, "name": "<entries>"}` (each trainable parameter once)."""
     if not policy.train:
         raise ValueError(
-            f"freeze policy trains nothing: list groups in train, e.g. {sorted(GROUPS)}"
+            f"freeze policy trains nothing: list groups in train, e.g. {sorted(groups())}"
         )
     named = list(model.named_parameters())
     trainable: set[str] = set()
@@ -99,7 +117,7 @@ def apply_policy(model: nn.Module, policy: FreezePolicy) -> list[dict]:
         if not hits:
             raise ValueError(
                 f"train entry {entry!r} matches no parameter of the model: use a group "
-                f"{sorted(GROUPS)} (adapters must be injected first) or a regex over "
+                f"{sorted(groups())} (adapters must be injected first) or a regex over "
                 "model.named_parameters() names, e.g. 'sam_mask_decoder\\.iou_prediction_head'"
             )
         trainable |= hits
@@ -110,14 +128,14 @@ def apply_policy(model: nn.Module, policy: FreezePolicy) -> list[dict]:
                 f"lr_mult[{entry!r}]={mult}: use a positive multiplier (to freeze, leave it out of train)"
             )
         mults.append((entry, _regex(entry, "lr_mult"), float(mult)))
-    groups: dict[float, dict] = {}
+    by_mult: dict[float, dict] = {}
     used: set[str] = set()
     for name, p in named:
         p.requires_grad_(name in trainable)
         if name not in trainable:
             continue
         entry, mult = next(((e, m) for e, r, m in mults if r.search(name)), ("default", 1.0))
-        group = groups.setdefault(mult, {"params": [], "lr_mult": mult, "name": []})
+        group = by_mult.setdefault(mult, {"params": [], "lr_mult": mult, "name": []})
         group["params"].append(p)
         if entry not in group["name"]:
             group["name"].append(entry)
@@ -128,28 +146,29 @@ def apply_policy(model: nn.Module, policy: FreezePolicy) -> list[dict]:
             f"lr_mult entries {unused} match no trainable parameter (an earlier entry may take "
             f"them, or they are frozen): trainable groups are set by train={policy.train}"
         )
-    for group in groups.values():
+    for group in by_mult.values():
         group["name"] = "+".join(group["name"])
-    return list(groups.values())
+    return list(by_mult.values())
 
 
-# rows of trainable_table: label -> regex over parameter names (first match wins)
-_TABLE_ROWS: list[tuple[str, str]] = [
-    ("temporal adapters", TEMPORAL_PATTERN),
-    ("LoRA (peft)", PEFT_PARAM_PATTERN),
-    ("sam.image_encoder", r"^sam\.image_encoder\."),
-    ("sam.sam_prompt_encoder", r"^sam\.sam_prompt_encoder\."),
-    ("sam.sam_mask_decoder", r"^sam\.sam_mask_decoder\."),
-    ("prompt sources", GROUPS["prompt_sources"]),
-    ("memory (ours)", GROUPS["memory"]),
-    ("others", r"."),
-]
+def _table_rows() -> list[tuple[str, str]]:
+    """Rows of trainable_table: label -> regex over parameter names (first match wins)."""
+    kinds = [(k.label or k.name, k.pattern) for k in registry.adapter_kinds()]
+    return kinds + [
+        ("sam.image_encoder", r"^sam\.image_encoder\."),
+        ("sam.sam_prompt_encoder", r"^sam\.sam_prompt_encoder\."),
+        ("sam.sam_mask_decoder", r"^sam\.sam_mask_decoder\."),
+        ("prompt sources", SOURCES_GROUP),
+        ("memory (ours)", MEMORY_GROUP),
+        ("others", r"."),
+    ]
 
 
 def trainable_table(model: nn.Module) -> str:
     """A table of trainable vs total parameters by top-level module, with totals."""
-    rows = {label: [0, 0] for label, _ in _TABLE_ROWS}
-    compiled = [(label, re.compile(rx)) for label, rx in _TABLE_ROWS]
+    table = _table_rows()
+    rows = {label: [0, 0] for label, _ in table}
+    compiled = [(label, re.compile(rx)) for label, rx in table]
     for name, p in model.named_parameters():
         label = next(lb for lb, rx in compiled if rx.search(name))
         rows[label][1] += p.numel()

@@ -1,10 +1,10 @@
 """Adapter-only checkpoints: `adapters-<name>.safetensors` (tensors) + `adapters-<name>.json` (config).
 
-What is saved (by name rules, whatever `requires_grad` says): temporal adapters, peft adapters
-(LoRA/LoHa/LoKr, every set), and our own prompt sources, their gates and memory module when the
-model has them. The JSON records the model variant and image size, each LoRA set's spec and peft
-config, the temporal-adapter config, and a SHA-256 of the base weights, so adapters are never
-loaded silently onto a base they were not trained on.
+What is saved (by name rules, whatever `requires_grad` says): the parameters of every registered
+adapter kind (`samed2_kit.registry.ADAPTERS`: temporal adapters, peft sets, ...), and our own
+prompt sources, their gates and memory module when the model has them. The JSON records the model
+variant and image size, each adapter kind's config (`describe_adapters`), and a SHA-256 of the
+base weights, so adapters are never loaded silently onto a base they were not trained on.
 
     save_adapters(model, "runs/ct", name="ct")
     model = build_model("tiny", checkpoint="sam2.1_hiera_tiny.pt", image_size=512)
@@ -13,7 +13,6 @@ loaded silently onto a base they were not trained on.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -23,26 +22,74 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from samed2_kit import registry
 from samed2_kit.adapters import lora as _lora
-from samed2_kit.adapters.freeze import ADAPTER_PATTERN, TEMPORAL_PATTERN
+from samed2_kit.adapters.freeze import adapter_pattern
 from samed2_kit.utils.atomic import atomic_path, write_text
+from samed2_kit.utils.dataconf import from_dict, to_dict
 
 FORMAT = "samed2-adapters"
-VERSION = 1
-# state-dict keys of SAMed2Model that are adapters (everything else is the base model)
-ADAPTER_KEY = re.compile(rf"{ADAPTER_PATTERN}|^(?:prompt_sources|source_gates|memory)\.")
-_TEMPORAL_KEY = re.compile(r"image_encoder\.trunk\.blocks\.(\d+)\.temporal_adapter\.")
+VERSION = 2  # 2: adapter configs under "adapters" by kind; 1: "lora", "active_lora", "temporal"
+
+
+def adapter_key() -> re.Pattern:
+    """State-dict keys of a SAMed2Model that are adapters (everything else is the base model)."""
+    return re.compile(rf"{adapter_pattern()}|^(?:prompt_sources|source_gates|memory)\.")
 
 
 @dataclass
 class LoadedAdapters:
     """What `load_adapters` did: the JSON it read, the tensors loaded, and what it injected
-    (LoRA set names; the TemporalHandle when temporal adapters were added)."""
+    ({adapter kind: what its `restore` returned}, for the kinds it injected)."""
 
     meta: dict
     keys: list[str] = field(default_factory=list)
-    injected_lora: list[str] = field(default_factory=list)
-    temporal: object | None = None
+    injected: dict[str, object] = field(default_factory=dict)
+
+
+def describe_adapters(model: nn.Module) -> dict[str, dict]:
+    """{adapter kind: its JSON config} for the kinds `model` holds (the manifest's `adapters`)."""
+    out = {}
+    for kind in registry.adapter_kinds():
+        if kind.describe is not None:
+            saved = kind.describe(model)
+        else:
+            cfg = getattr(model, "adapter_configs", {}).get(kind.name)
+            saved = None if cfg is None else to_dict(cfg)
+        if saved is not None:
+            out[kind.name] = saved
+    return out
+
+
+def restore_adapters(model: nn.Module, saved: dict[str, dict], where: str) -> dict[str, object]:
+    """Inject, from `describe_adapters`' output, the adapters `model` lacks; returns
+    {kind: what its restore returned} for the kinds that injected something."""
+    out = {}
+    for name, cfg in saved.items():
+        kind = registry.adapter_kind(name)
+        if kind.restore is not None:
+            result = kind.restore(model, cfg)
+        elif name in model.adapter_configs:
+            result = None
+        else:
+            config = from_dict(kind.config, cfg, f"adapters.{name}", where)
+            model.add_adapter(name, config)
+            result = config
+        if result:
+            out[name] = result
+    return out
+
+
+def _kinds_of(meta: dict) -> dict[str, dict]:
+    """The adapter configs of an adapters JSON, by kind (version 1 files converted)."""
+    if "adapters" in meta:
+        return dict(meta["adapters"] or {})
+    kinds = {}
+    if meta.get("temporal"):
+        kinds["temporal"] = meta["temporal"]
+    if meta.get("lora"):
+        kinds["lora"] = {"sets": meta["lora"], "active": meta.get("active_lora")}
+    return kinds
 
 
 def _paths(folder: str | Path, name: str) -> tuple[Path, Path]:
@@ -53,10 +100,9 @@ def _paths(folder: str | Path, name: str) -> tuple[Path, Path]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of `model` (state-dict names), detached, contiguous, on CPU."""
+    key = adapter_key()
     return {
-        k: v.detach().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if ADAPTER_KEY.search(k)
+        k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if key.search(k)
     }
 
 
@@ -65,15 +111,17 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     `qkv.base_layer.weight` -> `qkv.weight`): loadable into a plain model of the same variant."""
     if _lora.is_merged(model):
         raise ValueError("LoRA is merged into the base weights: call unmerge_lora(model) first")
+    key = adapter_key()
     return {
         k.replace(".base_layer.", "."): v
         for k, v in model.sam.state_dict().items()
-        if not ADAPTER_KEY.search(k)
+        if not key.search(k)
     }
 
 
 def has_adapters(model: nn.Module) -> bool:
-    return any(ADAPTER_KEY.search(k) for k in model.state_dict())
+    key = adapter_key()
+    return any(key.search(k) for k in model.state_dict())
 
 
 def base_weights_hash(model: nn.Module) -> str:
@@ -91,28 +139,6 @@ def base_weights_hash(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def temporal_config(model: nn.Module) -> dict | None:
-    """rank, kernel and blocks of the model's temporal adapters, read from its state dict."""
-    sd = model.sam.state_dict()
-    blocks = sorted({int(m.group(1)) for k in sd if (m := _TEMPORAL_KEY.search(k))})
-    if not blocks:
-        return None
-    pre = f"image_encoder.trunk.blocks.{blocks[0]}.temporal_adapter."
-    return {
-        "rank": int(sd[pre + "down.weight"].shape[0]),
-        "kernel": int(sd[pre + "conv.weight"].shape[-1]),
-        "blocks": blocks,
-    }
-
-
-def _jsonable(obj):
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        obj = dataclasses.asdict(obj)
-    return json.loads(
-        json.dumps(obj, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
-    )
-
-
 def save_adapters(
     model: nn.Module, folder: str | Path, name: str = "default", extra: dict | None = None
 ) -> Path:
@@ -126,14 +152,6 @@ def save_adapters(
             "the model has no adapters to save (no LoRA, temporal adapters, prompt sources or "
             "memory): inject some, or save the full model instead"
         )
-    sets = {}
-    for set_name in _lora.lora_sets(model):
-        spec = _lora.lora_spec(model, set_name)
-        sets[set_name] = {
-            "spec": dataclasses.asdict(spec),
-            "peft_config": _jsonable(model.sam.peft_config[set_name].to_dict()),
-        }
-    adapter_cfg = getattr(model, "adapter_config", None)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -141,15 +159,12 @@ def save_adapters(
         "variant": model.spec.variant,
         "image_size": model.spec.image_size,
         "base_hash": base_weights_hash(model),
-        "lora": sets,
-        "active_lora": _lora.active_lora(model),
-        "temporal": temporal_config(model),
-        "adapter_config": _jsonable(adapter_cfg) if adapter_cfg is not None else None,
+        "adapters": describe_adapters(model),
         "prompt_sources": list(getattr(model, "prompt_sources", {}) or {}),
         "memory": getattr(model, "memory", None) is not None,
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
-        "extra": _jsonable(extra or {}),
+        "extra": json.loads(json.dumps(extra or {}, default=str)),
     }
     with atomic_path(st_path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "samed2": FORMAT})
@@ -186,31 +201,17 @@ def _check_base(model: nn.Module, meta: dict, where: Path) -> None:
         )
 
 
-def _inject_missing(model: nn.Module, meta: dict, tensors: dict, out: LoadedAdapters) -> None:
-    for set_name, entry in (meta.get("lora") or {}).items():
-        if set_name not in _lora.lora_sets(model):
-            _lora.inject_lora(model, _lora.LoraSpec(**entry["spec"]), adapter_name=set_name)
-            out.injected_lora.append(set_name)
-    if meta.get("active_lora") in _lora.lora_sets(model):
-        _lora.set_active_lora(model, meta["active_lora"])
-    cfg = meta.get("temporal")
-    has_temporal = any(re.search(TEMPORAL_PATTERN, k) for k in model.state_dict())
-    if cfg and not has_temporal:
-        try:
-            from samed2_kit.adapters.temporal import TemporalAdapterConfig, inject_temporal_adapters
-        except ImportError as e:
-            raise ValueError(
-                "the adapters hold temporal adapters but samed2_kit.adapters.temporal cannot be "
-                f"imported ({e}): install a samed2-kit version with temporal adapters"
-            ) from e
-        out.temporal = inject_temporal_adapters(model, TemporalAdapterConfig(**cfg))
+def _inject_missing(
+    model: nn.Module, meta: dict, tensors: dict, out: LoadedAdapters, where
+) -> None:
+    out.injected = restore_adapters(model, _kinds_of(meta), str(where))
     own = model.state_dict()
     missing = [k for k in tensors if k not in own]
     if missing:
         raise ValueError(
             f"{len(missing)} saved adapter tensors have no place in the model (e.g. {missing[:3]}): "
             "register the same prompt sources (model.add_prompt_source) and memory module, and "
-            "inject adapters with the saved config, before loading"
+            "inject adapters with the saved config (model.add_adapter), before loading"
         )
     bad = [k for k, v in tensors.items() if own[k].shape != v.shape]
     if bad:
@@ -251,7 +252,7 @@ def load_adapters(
         _check_base(model, meta, json_path)
     tensors = load_file(str(st_path))
     out = LoadedAdapters(meta=meta, keys=sorted(tensors))
-    _inject_missing(model, meta, tensors, out)
+    _inject_missing(model, meta, tensors, out, json_path)
     result = model.load_state_dict(tensors, strict=False)
     if result.unexpected_keys:  # cannot happen after the checks above; kept as a guard
         raise ValueError(f"adapter tensors not loaded: {result.unexpected_keys[:5]}")

@@ -14,11 +14,15 @@ peft is imported inside the functions that need it (it is slow to import).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 import warnings
 from dataclasses import dataclass
 
 from torch import nn
+
+from samed2_kit.registry import AdapterKind
 
 # name -> module-name regex (fullmatch) over `model.sam.named_modules()`; every hit is an nn.Linear
 # in all of Meta's SAM 2.1 variants and in test-tiny. The memory modules (memory_attention,
@@ -241,3 +245,45 @@ def unmerge_lora(model: nn.Module) -> int:
 def is_merged(model: nn.Module) -> bool:
     """True when some adapter update is merged into the base weights."""
     return any(m.merged for m in _tuner_layers(model))
+
+
+def _jsonable(obj):
+    return json.loads(
+        json.dumps(obj, default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+    )
+
+
+def describe_lora(model: nn.Module) -> dict | None:
+    """Every injected set (its spec and peft config) and the active one (None: no set)."""
+    sets = {
+        name: {
+            "spec": dataclasses.asdict(lora_spec(model, name)),
+            "peft_config": _jsonable(model.sam.peft_config[name].to_dict()),
+        }
+        for name in lora_sets(model)
+    }
+    return {"sets": sets, "active": active_lora(model)} if sets else None
+
+
+def restore_lora(model: nn.Module, saved: dict) -> list[str]:
+    """Inject the sets of `describe_lora`'s output that the model lacks, activate the saved
+    active set; returns the names injected."""
+    injected = []
+    for name, entry in (saved.get("sets") or {}).items():
+        if name not in lora_sets(model):
+            inject_lora(model, LoraSpec(**entry["spec"]), adapter_name=name)
+            injected.append(name)
+    if saved.get("active") in lora_sets(model):
+        set_active_lora(model, saved["active"])
+    return injected
+
+
+KIND = AdapterKind(
+    name="lora",
+    config=LoraSpec,
+    inject=lambda model, spec: inject_lora(model, spec),
+    pattern=PEFT_PARAM_PATTERN,
+    label="LoRA (peft)",
+    describe=describe_lora,
+    restore=restore_lora,
+)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from samed2_kit.model import _sam2
+from samed2_kit.registry import AdapterKind
 
 if TYPE_CHECKING:
     from samed2_kit.model.wrapper import SAMed2Model
@@ -192,3 +193,40 @@ def temporal_parameter_names(model: nn.Module) -> list[str]:
     """Names of the temporal-adapter parameters of `model` (those matching TEMPORAL_PATTERN)."""
     pattern = re.compile(TEMPORAL_PATTERN)
     return [name for name, _ in model.named_parameters() if pattern.search(name)]
+
+
+_BLOCK_KEY = re.compile(r"image_encoder\.trunk\.blocks\.(\d+)\.temporal_adapter\.")
+
+
+def temporal_config(model: nn.Module) -> dict | None:
+    """rank, kernel and blocks of the model's temporal adapters, read from its state dict (None:
+    it has none): what the manifest saves, whoever injected them."""
+    sd = model.sam.state_dict()
+    blocks = sorted({int(m.group(1)) for k in sd if (m := _BLOCK_KEY.search(k))})
+    if not blocks:
+        return None
+    pre = f"image_encoder.trunk.blocks.{blocks[0]}.temporal_adapter."
+    return {
+        "rank": int(sd[pre + "down.weight"].shape[0]),
+        "kernel": int(sd[pre + "conv.weight"].shape[-1]),
+        "blocks": blocks,
+    }
+
+
+def _restore(model: SAMed2Model, saved: dict) -> TemporalHandle | None:
+    """Inject temporal adapters as `temporal_config` described them, unless the model has them."""
+    if temporal_config(model) is not None:
+        return None
+    return inject_temporal_adapters(model, TemporalAdapterConfig(**saved))
+
+
+KIND = AdapterKind(
+    name="temporal",
+    config=TemporalAdapterConfig,
+    inject=inject_temporal_adapters,
+    pattern=TEMPORAL_PATTERN,
+    group="temporal_adapter",
+    label="temporal adapters",
+    describe=temporal_config,
+    restore=_restore,
+)

@@ -27,26 +27,20 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from samed2_kit.config import Recipe, StageConfig, to_dict
+from samed2_kit.engine.data import DatasetView
 
 STAGE_WEIGHTS = "weights.safetensors"
 STAGE_EVAL = "eval.json"
 
 
-class Replay(torch.utils.data.Dataset):
+class Replay(DatasetView):
     """A fixed subset of a dataset with `set_epoch` (the examples a later stage replays)."""
 
     def __init__(self, base, indices: np.ndarray) -> None:
-        self.base, self.indices = base, [int(i) for i in indices]
-
-    @property
-    def epoch(self):
-        return self.base.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
+        super().__init__(base)
+        self.indices = [int(i) for i in indices]
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -70,13 +64,13 @@ def use_stage_adapter(model, recipe: Recipe, stage: StageConfig) -> None:
 
     if stage.adapter is None:
         return
-    if recipe.adapters.lora is None:
+    if "lora" not in recipe.adapters:
         raise ValueError(
             f"continual stage {stage.name!r} names adapter {stage.adapter!r} but the recipe has "
             "no adapters.lora: add e.g. `adapters: {lora: {preset: encoder-attn, rank: 8}}`"
         )
     if stage.adapter not in lora_sets(model):
-        inject_lora(model, recipe.adapters.lora, adapter_name=stage.adapter)
+        inject_lora(model, recipe.adapters["lora"], adapter_name=stage.adapter)
     set_active_lora(model, stage.adapter)
 
 
@@ -163,9 +157,10 @@ def run_continual(
     from safetensors.torch import load_file, save_file
 
     from samed2_kit.engine.items import items_from_store
-    from samed2_kit.engine.run import build_run_model, start_run, validation
+    from samed2_kit.engine.run import start_run, validation
     from samed2_kit.engine.state import checkpoint_dirs
     from samed2_kit.engine.train import train
+    from samed2_kit.model import assemble
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     stages = recipe.continual.stages
@@ -179,7 +174,8 @@ def run_continual(
 
     # with per-stage adapters each stage adds its own LoRA set; one memory bank across stages
     all_tasks = sorted({t for s in stages for t in s.tasks})  # the similarity prior's classes
-    model = build_run_model(recipe, lora=not any(s.adapter for s in stages), tasks=all_tasks)
+    skip = ("lora",) if any(s.adapter for s in stages) else ()  # stages add their own LoRA sets
+    model = assemble.from_recipe(recipe, all_tasks, skip_adapters=skip)
     matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
     accel = None
     for i, stage in enumerate(stages):
@@ -187,13 +183,7 @@ def run_continual(
         use_stage_adapter(model, recipe, stage)
         if resume and (folder / STAGE_WEIGHTS).is_file() and (folder / STAGE_EVAL).is_file():
             model.load_state_dict(load_file(str(folder / STAGE_WEIGHTS)))
-            if model.memory is not None:  # the bank as that stage left it
-                from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory
-
-                bank = model.memory.bank
-                model.memory.bank = ConfidenceMemory.load(
-                    folder / MEMORY_FILE, bank.model, bank.cfg
-                )
+            assemble.load_state(model, folder)  # the memory bank as that stage left it
             matrix.append(json.loads((folder / STAGE_EVAL).read_text()))
             continue
         sr = stage_recipe(recipe, stage)
@@ -210,8 +200,7 @@ def run_continual(
                     k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                 }
                 save_file(state_dict, str(tmp))
-            if model.memory is not None:
-                model.memory.bank.save(folder / "memory.safetensors")
+            assemble.save_state(model, folder)
             write_text(folder / STAGE_EVAL, json.dumps(row, indent=2))  # last: marks it finished
         state.wait_for_everyone()
     result = {"matrix": matrix, "forgetting": forgetting_table(matrix, names)}
@@ -238,9 +227,9 @@ def _row(summaries: dict) -> dict:
 def write_final(out_dir: Path, model, recipe: Recipe, result: dict, store: str) -> None:
     """The final model, continual.json and report.md (main process)."""
     from samed2_kit.engine import report
-    from samed2_kit.engine.checkpoint import save_model
+    from samed2_kit.model import assemble
     from samed2_kit.utils.atomic import write_text
 
-    save_model(model, out_dir, {"recipe": to_dict(recipe)})
+    assemble.save(model, out_dir, {"recipe": to_dict(recipe)})
     write_text(out_dir / "continual.json", json.dumps(result, indent=2))
     write_text(out_dir / "report.md", report.continual_markdown(result, recipe, store))

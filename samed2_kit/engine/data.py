@@ -20,6 +20,22 @@ import numpy as np
 import torch
 
 
+class DatasetView(torch.utils.data.Dataset):
+    """A dataset derived from `base` (one with `epoch` and `set_epoch`, e.g. a StoreDataset) that
+    shares base's epoch, so that `EpochIndexed` reseeds base's prompts and augmentation through
+    it. Subclasses define `__len__` and `__getitem__`."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+
 class EpochIndexed(torch.utils.data.Dataset):
     """Wraps a dataset with `set_epoch(e)` (or a list of such, concatenated) so that items are
     fetched by `(epoch, index)`: the epoch travels with the index into DataLoader workers."""

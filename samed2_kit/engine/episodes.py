@@ -8,10 +8,11 @@ every epoch and resume exactly. The support is augmented like any training item 
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from samed2_kit.engine.data import DatasetView
 
 
-class Episodes(torch.utils.data.Dataset):
+class Episodes(DatasetView):
     """Queries of `base` (a StoreDataset with clip_len 1), each with a support.
 
     Adds `support_image` (3, S, S), `support_mask` (1, S, S) and `support_id` to base's items.
@@ -23,7 +24,8 @@ class Episodes(torch.utils.data.Dataset):
                 f"few-shot episodes use single slices, but data.clip_len={base.clip_len}: set "
                 "data.clip_len=1 (or data.episodes=false)"
             )
-        self.base, self.seed = base, int(seed)
+        super().__init__(base)
+        self.seed = int(seed)
         tasks = np.asarray(base.column("task"), dtype=object)
         cases = np.asarray(base.column("case_id"), dtype=object)
         area = np.asarray(base.column("mask_area"), dtype=np.int64)
@@ -37,13 +39,6 @@ class Episodes(torch.utils.data.Dataset):
                     f"of {base.store_dir}: add cases of it, or drop it from data.tasks"
                 )
             self._candidates.append(pick)
-
-    @property
-    def epoch(self) -> int:
-        return self.base.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.base)

@@ -291,11 +291,11 @@ def evaluate(
 
     from samed2_kit.model.predictor import Predictor
 
-    if cfg.prompt == "support" and "hard_prototypes" not in getattr(model, "prompt_sources", {}):
+    if cfg.prompt == "support" and not model.support_sources():
         raise ValueError(
-            "eval.prompt=support is few-shot evaluation: it needs a model with the "
-            "hard_prototypes prompt source (e.g. trained by recipes/few_shot.yaml); choose "
-            "another protocol for this model"
+            "eval.prompt=support is few-shot evaluation: it needs a model with a prompt source "
+            "that reads supports (e.g. hard_prototypes, trained by recipes/few_shot.yaml); "
+            "choose another protocol for this model"
         )
     items = limit_per_task(items, cfg.max_items)
     rank, world = _rank_world()

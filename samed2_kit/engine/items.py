@@ -93,7 +93,7 @@ def supports_from_store(
 
 
 def model_supports(model, store: str, split: str, tasks: list[str] | None, n: int):
-    """`supports_from_store` for a model with the hard_prototypes source, else None."""
-    if "hard_prototypes" not in getattr(model, "prompt_sources", {}):
+    """`supports_from_store` for a model with a source that reads supports, else None."""
+    if not model.support_sources():
         return None
     return supports_from_store(store, split, tasks, n)

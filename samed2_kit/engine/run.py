@@ -35,9 +35,10 @@ def prepare_store(recipe: Recipe, out_dir: Path) -> str:
     from samed2_kit.medbank.build import build
     from samed2_kit.medbank.schema import MANIFEST
     from samed2_kit.medbank.spec import load_spec
+    from samed2_kit.medbank.store import default_store
 
     d = recipe.data
-    store = Path(d.store) if d.store else out_dir.with_name(out_dir.name + "-store")
+    store = Path(d.store) if d.store else default_store(out_dir)
     if d.spec is None:
         if not (store / MANIFEST).is_file():
             raise ValueError(f"data.store={store} is not a medbank store and data.spec is not set")
@@ -155,31 +156,6 @@ def store_tasks(store: str, split: str) -> list[str]:
     return sorted({t for s, t in zip(cols["split"], cols["task"], strict=True) if s == split})
 
 
-def build_run_model(recipe: Recipe, lora: bool = True, tasks: list[str] | None = None):
-    """The recipe's model: seeded init (or checkpoint), adapters (LoRA unless `lora` is False),
-    the confidence memory and prompt sources when the recipe has them (`tasks`: the similarity
-    prior's classes unless the recipe lists them)."""
-    import dataclasses
-
-    from samed2_kit.engine.train import inject_adapters
-    from samed2_kit.model.build import build_model
-
-    m = recipe.model
-    torch.manual_seed(recipe.train.seed)  # the random init (and any unloaded weights) by seed
-    model = build_model(m.variant, m.checkpoint, m.image_size)
-    adapters = recipe.adapters if lora else dataclasses.replace(recipe.adapters, lora=None)
-    inject_adapters(model, dataclasses.replace(recipe, adapters=adapters))
-    if recipe.memory is not None:
-        from samed2_kit.memory import attach_memory
-
-        attach_memory(model, recipe.memory)
-    if recipe.sources.any():
-        from samed2_kit.sources.registry import attach_sources
-
-        attach_sources(model, recipe.sources, tasks)
-    return model
-
-
 def run_recipe(
     recipe: Recipe,
     out_dir: str | Path | None = None,
@@ -191,6 +167,7 @@ def run_recipe(
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine.items import items_from_store, model_supports
     from samed2_kit.engine.train import train
+    from samed2_kit.model import assemble
 
     out_dir = Path(out_dir or recipe.out_dir)
     d = recipe.data
@@ -199,7 +176,7 @@ def run_recipe(
     eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
     validate = validation(recipe, store, recipe.data.tasks)
 
-    model = build_run_model(recipe, tasks=recipe.data.tasks or store_tasks(store, d.train_split))
+    model = assemble.from_recipe(recipe, recipe.data.tasks or store_tasks(store, d.train_split))
     model, result, accel = train(
         recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
     )
@@ -227,15 +204,15 @@ def write_outputs(out_dir: Path, model, recipe, summary, info, result, evaluated
     """Final weights, per-case CSV, metrics.json, plots and report.md (each file atomic)."""
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine import report
-    from samed2_kit.engine.checkpoint import save_model
     from samed2_kit.engine.train import read_log
+    from samed2_kit.model import assemble
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     items, rows, preds = evaluated
     log = read_log(out_dir) or [
         {"step": h.step, "loss": h.loss} for h in result.history
     ]  # fmt: skip
-    save_model(model, out_dir, {"recipe": to_dict(recipe)})
+    assemble.save(model, out_dir, {"recipe": to_dict(recipe)})
     ev.write_csv(rows, out_dir / "per_case.csv")
     final = [e for e in log if "loss" in e]
     metrics = {"summary": summary, "info": info, "train_seconds": result.seconds,

@@ -133,13 +133,14 @@ def save(
     meta: dict,
     rng_by_rank: list[tuple[dict, dict]],
     keep_last: int = 3,
-    writers: dict | None = None,
+    extra_state=None,
 ) -> Path:
     """Write checkpoint `step-<pos.step>` (main process only) and keep the newest `keep_last`.
 
     `rng_by_rank`: every rank's `rng_state()` (gathered by the caller); `meta`: JSON-able facts
-    a resume checks (recipe digest, frozen-weight digest, world size); `writers`: {file name:
-    write(path)} for state kept in its own file (the memory bank), verified like the rest."""
+    a resume checks (recipe digest, frozen-weight digest, world size); `extra_state(folder) ->
+    [file names]` writes state kept in its own files (the memory bank: `assemble.save_state`),
+    verified like the rest."""
     from safetensors.torch import save_file
 
     from samed2_kit.utils.atomic import atomic_path
@@ -154,8 +155,7 @@ def save(
             path = tmp / f"{name}.safetensors"
             save_file(tensors, str(path), metadata={"format": "samed2-kit-train-state"})
             digests[path.name] = sha256_file(path)
-        for name, write in (writers or {}).items():
-            write(tmp / name)
+        for name in extra_state(tmp) if extra_state is not None else []:
             digests[name] = sha256_file(tmp / name)
         sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
         state = {
@@ -208,7 +208,7 @@ def read_state(folder: Path) -> dict:
 def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int = 0) -> Position:
     """Restore model (trainable part), optimizer, scheduler and this rank's RNG from `folder`;
     returns the position. The caller checks `read_state(folder)["meta"]` before calling this;
-    files of `writers` (the memory bank) are read by their owners."""
+    files of `extra_state` (the memory bank) are read by `assemble.load_state`."""
     from safetensors.torch import load_file
 
     state = read_state(folder)

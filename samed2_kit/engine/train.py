@@ -51,19 +51,6 @@ def apply_train_mode(model, mode: str) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def inject_adapters(model, recipe: Recipe) -> None:
-    """Temporal adapters and LoRA as the recipe says (before training or loading adapters)."""
-    a = recipe.adapters
-    if a.temporal is not None:
-        from samed2_kit.adapters.temporal import inject_temporal_adapters
-
-        inject_temporal_adapters(model, a.temporal)
-    if a.lora is not None:
-        from samed2_kit.adapters.lora import inject_lora
-
-        inject_lora(model, a.lora)
-
-
 def param_groups(model, cfg) -> tuple[list[dict], int]:
     """Optimizer groups (LR = train.lr x multiplier) and the trainable-parameter count, from the
     recipe's `train.trainable` policy, else from `train.mode`."""
@@ -214,9 +201,202 @@ def _support_kwargs(batch: dict) -> dict:
             "support_index": index}  # fmt: skip
 
 
-def _stateful_sources(model) -> dict:
-    """Prompt sources that learn without gradients (`candidates` + `commit`), by name."""
-    return {n: s for n, s in model.prompt_sources.items() if hasattr(s, "commit")}
+@dataclass
+class StepResult:
+    """One micro-batch's result: the loss (its `total` is back-propagated), the model's output
+    and the batch metadata (what the parts that learn without gradients read)."""
+
+    loss: object  # samed2_kit.losses.LossOutput
+    out: object  # samed2_kit.types.SAMed2Output
+    meta: dict
+
+
+def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
+    """The training step on images (or clips of T adjacent slices), one prompt per image: one
+    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`."""
+    prompts = batch_prompts(batch, recipe.data.prompt.mode)
+    meta = {k: batch[k] for k in ("case_id", "task", "modality")}
+    out = model(batch["image"], prompts, recipe.train.multimask, batch["clip_len"], meta,
+                **_support_kwargs(batch))  # fmt: skip
+    loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
+                   out.source_logits)  # fmt: skip
+    return StepResult(loss, out, meta)
+
+
+# kinds of training step, by name: `train(..., step=name)`; a step is called as
+# step(model, batch, recipe, loss_fn) -> StepResult, once per micro-batch
+STEPS: dict[str, Callable] = {"image": image_step}
+
+
+@dataclass
+class _Session:
+    """What one `train` call holds while it runs."""
+
+    recipe: Recipe
+    accelerator: object
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped on several processes)
+    raw: torch.nn.Module  # the SAMed2Model itself
+    opt: object
+    sched: object
+    params: list
+    dataset: object
+    want: dict  # what a checkpoint of this run is bound to (`check_resume`)
+    result: TrainResult
+    tensorboard: bool = False  # event files in the run folder
+    log: StepLogFile | None = None
+    t_last: float = 0.0
+    seen: int = 0  # samples since the last step log (all processes)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+
+def _setup(recipe: Recipe, model, data, run_dir: Path | None) -> _Session:
+    """Accelerator, seed, parameter groups, optimizer, schedule, data; the model prepared."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from samed2_kit.engine import state as ckpt
+    from samed2_kit.engine.data import EpochIndexed
+
+    cfg = recipe.train
+    mp = resolve_mixed_precision(cfg.mixed_precision)
+    tb = run_dir is not None and cfg.tensorboard
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with="tensorboard" if tb else None,
+        project_dir=str(run_dir) if tb else None,
+    )
+    set_seed(cfg.seed)
+    groups, n_trainable = param_groups(model, cfg)
+    dataset = EpochIndexed(_datasets(recipe, data))
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = cosine_with_warmup(opt, cfg.warmup_steps, cfg.steps)
+    want = {"recipe": resume_key(recipe), "frozen_sha256": ckpt.frozen_sha256(model),
+            "world": accelerator.num_processes, "samples": len(dataset)}  # fmt: skip
+    prepared, opt = accelerator.prepare(model, opt)
+    result = TrainResult(trainable_params=n_trainable, mixed_precision=mp,
+                         train_samples=len(dataset))  # fmt: skip
+    return _Session(recipe, accelerator, prepared, accelerator.unwrap_model(prepared), opt, sched,
+                    params, dataset, want, result, tb)  # fmt: skip
+
+
+def _resume(s: _Session, run_dir: Path | None):
+    """Model, optimizer, schedule, RNG and learners' state from the newest checkpoint."""
+    from samed2_kit.engine import state as ckpt
+    from samed2_kit.model import assemble
+
+    found = ckpt.checkpoint_dirs(run_dir) if run_dir else []
+    if not found:
+        raise ValueError(f"nothing to resume: {run_dir} has no checkpoints/step-* folder")
+    meta = ckpt.read_state(found[-1])["meta"]
+    check_resume(meta, s.want, found[-1])
+    pos = ckpt.load(found[-1], s.raw, s.opt, s.sched, s.accelerator.process_index)
+    assemble.load_state(s.raw, found[-1])
+    # the LR at this step from *this* schedule (train.steps may have been raised): the same
+    # value as saved when it was not
+    for g, base, fn in zip(s.opt.param_groups, s.sched.base_lrs, s.sched.lr_lambdas, strict=True):
+        g["lr"] = base * fn(s.sched.last_epoch)
+    if s.main:
+        print(f"[samed2] resumed from {found[-1]} (step {pos.step})")
+    return pos
+
+
+def _optimizer_step(s: _Session, batches, pos, step_fn, loss_fn) -> tuple[float, dict, float]:
+    """`train.grad_accum` micro-batches, one optimizer step, then every learner's commit;
+    returns (mean loss over the global batch, this process's last loss terms, the step's LR)."""
+    from accelerate.utils import gather_object
+
+    from samed2_kit.engine.data import to_device
+    from samed2_kit.types import TrainUpdate
+
+    cfg = s.recipe.train
+    learners = s.raw.learners()
+    total = torch.zeros((), device=s.accelerator.device)
+    items: dict[str, list] = {name: [] for name in learners}
+    for micro in range(cfg.grad_accum):
+        batch = to_device(next(batches), s.accelerator.device)
+        sync = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else s.accelerator.no_sync(s.model):
+            res = step_fn(s.model, batch, s.recipe, loss_fn)
+            s.accelerator.backward(res.loss.total / cfg.grad_accum)
+        total += res.loss.total.detach() / cfg.grad_accum
+        update = TrainUpdate(s.raw.sam, res.out, batch["mask"], res.meta, pos.step + 1)
+        for name, part in learners.items():
+            items[name].append(part.candidates(update))
+        pos.consumed += 1
+        s.seen += len(batch["image"]) * s.world
+    if cfg.clip_grad > 0:
+        s.accelerator.clip_grad_norm_(s.params, cfg.clip_grad)
+    lr = s.opt.param_groups[0]["lr"]
+    s.opt.step()
+    s.sched.step()
+    s.opt.zero_grad(set_to_none=True)
+    pos.step += 1
+    mean_loss = float(s.accelerator.reduce(total, "mean"))  # over processes: the global batch
+    for name, part in learners.items():  # every rank applies every rank's items, in rank order
+        part.commit(gather_object(items[name]) if s.world > 1 else items[name], mean_loss)
+    return mean_loss, res.loss.parts, lr
+
+
+def _record(s: _Session, pos, mean_loss: float, parts: dict, lr: float, bar) -> None:
+    """The step's log line, progress bar and TensorBoard scalars."""
+    cfg = s.recipe.train
+    now = time.perf_counter()
+    sps, s.seen, s.t_last = s.seen / max(now - s.t_last, 1e-9), 0, now
+    entry = StepLog(pos.step, mean_loss, parts, lr, sps)
+    s.result.history.append(entry)
+    if s.log:
+        s.log.write(asdict(entry))
+    bar.update(1)
+    if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
+        recent = s.result.history[-cfg.log_every :]
+        avg = sum(h.loss for h in recent) / len(recent)
+        bar.set_postfix(loss=f"{avg:.4f}", samples_s=f"{sps:.1f}")
+        if s.tensorboard:
+            s.accelerator.log({"train/loss": avg, "train/lr": lr, "train/samples_per_s": sps},
+                              step=pos.step)  # fmt: skip
+
+
+def _validate(s: _Session, pos, validate) -> None:
+    """Validation every `train.val_every` steps and at the end (before that step's checkpoint:
+    a checkpoint at step n implies its log is complete)."""
+    cfg = s.recipe.train
+    if not (validate and cfg.val_every):
+        return
+    if pos.step % cfg.val_every and pos.step != cfg.steps:
+        return
+    values = validate(s.raw)
+    s.model.train()
+    if s.log:
+        s.log.write({"step": pos.step, "val": values})
+    if s.tensorboard:
+        s.accelerator.log({f"val/{k}": v for k, v in values.items()}, step=pos.step)
+
+
+def _checkpoint(s: _Session, pos, run_dir: Path | None) -> None:
+    """A checkpoint every `train.save_every` steps and at the end (main process writes)."""
+    from accelerate.utils import gather_object
+
+    from samed2_kit.engine import state as ckpt
+    from samed2_kit.model import assemble
+
+    cfg = s.recipe.train
+    if not (run_dir and cfg.save_every) or (pos.step % cfg.save_every and pos.step != cfg.steps):
+        return
+    rngs = gather_object([ckpt.rng_state()])
+    if s.main:
+        ckpt.save(run_dir, s.raw, s.opt, s.sched, pos, {**s.want, "step": pos.step}, rngs,
+                  keep_last=cfg.keep_last,
+                  extra_state=lambda folder: assemble.save_state(s.raw, folder))  # fmt: skip
+    s.accelerator.wait_for_everyone()
 
 
 def train(
@@ -228,6 +408,7 @@ def train(
     resume: bool = False,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
+    step: str | Callable = "image",
 ):
     """Train `model` (a SAMed2Model) in place; returns (model, TrainResult, accelerator).
 
@@ -240,152 +421,45 @@ def train(
             uninterrupted run), after checking it was written by this recipe, model and launch.
         validate: called on every rank every `train.val_every` steps and at the end with the
             unwrapped model; returns {name: value} to log (e.g. validation Dice per task).
+        step: the kind of training step (a `STEPS` name) or a callable of the same signature.
     """
-    from pathlib import Path
-
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
     from tqdm.auto import tqdm
 
     from samed2_kit.engine import state as ckpt
-    from samed2_kit.engine.data import EpochIndexed, make_loader, to_device
+    from samed2_kit.engine.data import make_loader
     from samed2_kit.losses import SegLoss
 
+    step_fn = STEPS[step] if isinstance(step, str) else step
     cfg = recipe.train
     run_dir = Path(run_dir) if run_dir is not None else None
-    mp = resolve_mixed_precision(cfg.mixed_precision)
-    tb = run_dir is not None and cfg.tensorboard
-    accelerator = Accelerator(
-        mixed_precision=mp,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        log_with="tensorboard" if tb else None,
-        project_dir=str(run_dir) if tb else None,
-    )
-    main, world = accelerator.is_main_process, accelerator.num_processes
-    set_seed(cfg.seed)
-    groups, n_trainable = param_groups(model, cfg)
-    dataset = EpochIndexed(_datasets(recipe, data))
-    params = [p for g in groups for p in g["params"]]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = cosine_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    want = {"recipe": resume_key(recipe), "frozen_sha256": ckpt.frozen_sha256(model),
-            "world": world, "samples": len(dataset)}  # fmt: skip
-    model, opt = accelerator.prepare(model, opt)
-    raw = accelerator.unwrap_model(model)
-    mem = raw.memory  # the confidence memory (None without): written from every rank's batches
-    stateful = _stateful_sources(raw)  # e.g. the similarity prior: updated like the memory
-
-    pos = ckpt.Position()
-    if resume:
-        found = ckpt.checkpoint_dirs(run_dir) if run_dir else []
-        if not found:
-            raise ValueError(f"nothing to resume: {run_dir} has no checkpoints/step-* folder")
-        meta = ckpt.read_state(found[-1])["meta"]
-        check_resume(meta, want, found[-1])
-        pos = ckpt.load(found[-1], raw, opt, sched, accelerator.process_index)
-        if mem is not None:
-            from samed2_kit.memory import MEMORY_FILE, ConfidenceMemory
-
-            mem.bank = ConfidenceMemory.load(found[-1] / MEMORY_FILE, mem.bank.model, mem.cfg)
-        # the LR at this step from *this* schedule (train.steps may have been raised): the same
-        # value as saved when it was not
-        for g, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
-            g["lr"] = base * fn(sched.last_epoch)
-        sched._last_lr = [g["lr"] for g in opt.param_groups]
-        if main:
-            print(f"[samed2] resumed from {found[-1]} (step {pos.step})")
-    log = StepLogFile(run_dir / LOG, pos.step if resume else None) if run_dir and main else None
-    if tb:
-        accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
-    loader = make_loader(dataset, recipe, accelerator.process_index, world, pos.consumed)
-    batches = iter(loader)
-    loss_fn = SegLoss(recipe.loss)
-    model.train()
-
-    result = TrainResult(
-        trainable_params=n_trainable, mixed_precision=mp, train_samples=len(dataset)
-    )
-    bar = tqdm(total=cfg.steps, initial=pos.step, desc="train", disable=not (progress and main))
-    t0 = t_last = time.perf_counter()
-    seen, start_step = 0, pos.step
-    if mem is not None:
-        mem.writing = True  # only here: evaluation and prediction never write
-    while pos.step < cfg.steps:
-        total = torch.zeros((), device=accelerator.device)
-        entries, updates = [], {name: [] for name in stateful}
-        for micro in range(cfg.grad_accum):
-            batch = to_device(next(batches), accelerator.device)
-            sync = micro == cfg.grad_accum - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                prompts = batch_prompts(batch, recipe.data.prompt.mode)
-                meta = {k: batch[k] for k in ("case_id", "task", "modality")}
-                out = model(batch["image"], prompts, cfg.multimask, batch["clip_len"], meta,
-                            **_support_kwargs(batch))  # fmt: skip
-                loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
-                               out.source_logits)  # fmt: skip
-                accelerator.backward(loss.total / cfg.grad_accum)
-            total += loss.total.detach() / cfg.grad_accum
-            if mem is not None:
-                entries += mem.candidates(raw.sam, out, meta, pos.step + 1)
-            for name, src in stateful.items():
-                updates[name].append(src.candidates(out.encoder_features, batch["mask"], meta))
-            pos.consumed += 1
-            seen += len(batch["image"]) * world
-        if cfg.clip_grad > 0:
-            accelerator.clip_grad_norm_(params, cfg.clip_grad)
-        lr = sched.get_last_lr()[0]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        pos.step += 1
-        if mem is not None:  # every rank applies every rank's entries, in rank order
-            mem.commit(gather_object(entries) if world > 1 else entries)
-        mean_loss = float(accelerator.reduce(total, "mean"))  # over processes: the global batch
-        for name, src in stateful.items():  # the same: identical state on every rank
-            src.commit(gather_object(updates[name]) if world > 1 else updates[name], mean_loss)
-        now = time.perf_counter()
-        sps, seen, t_last = seen / max(now - t_last, 1e-9), 0, now
-        entry = StepLog(pos.step, mean_loss, loss.parts, lr, sps)
-        result.history.append(entry)
-        if log:
-            log.write(asdict(entry))
-        bar.update(1)
-        if pos.step % cfg.log_every == 0 or pos.step == cfg.steps:
-            recent = result.history[-cfg.log_every :]
-            avg = sum(h.loss for h in recent) / len(recent)
-            bar.set_postfix(loss=f"{avg:.4f}", samples_s=f"{sps:.1f}")
-            if tb:
-                accelerator.log({"train/loss": avg, "train/lr": lr, "train/samples_per_s": sps},
-                                step=pos.step)  # fmt: skip
-        last = pos.step == cfg.steps
-        # validation before the checkpoint: a checkpoint at step n implies its log is complete
-        if validate and cfg.val_every and (pos.step % cfg.val_every == 0 or last):
-            values = validate(raw)
-            model.train()
-            if log:
-                log.write({"step": pos.step, "val": values})
-            if tb:
-                accelerator.log({f"val/{k}": v for k, v in values.items()}, step=pos.step)
-        if run_dir and cfg.save_every and (pos.step % cfg.save_every == 0 or last):
-            rngs = gather_object([ckpt.rng_state()])
-            if main:
-                meta = {**want, "step": pos.step}
-                files = {"memory.safetensors": mem.bank.save} if mem is not None else None
-                ckpt.save(run_dir, raw, opt, sched, pos, meta, rngs, keep_last=cfg.keep_last,
-                          writers=files)  # fmt: skip
-            accelerator.wait_for_everyone()
+    s = _setup(recipe, model, data, run_dir)
+    pos = _resume(s, run_dir) if resume else ckpt.Position()
+    if run_dir and s.main:
+        s.log = StepLogFile(run_dir / LOG, pos.step if resume else None)
+    if s.tensorboard:
+        s.accelerator.init_trackers("tensorboard", config=_flat_config(recipe))
+    loader = make_loader(s.dataset, recipe, s.accelerator.process_index, s.world, pos.consumed)
+    batches, loss_fn = iter(loader), SegLoss(recipe.loss)
+    s.model.train()
+    bar = tqdm(total=cfg.steps, initial=pos.step, desc="train", disable=not (progress and s.main))
+    t0 = s.t_last = time.perf_counter()
+    start_step = pos.step
+    with s.raw.learning():  # the memory accepts writes only here
+        while pos.step < cfg.steps:
+            mean_loss, parts, lr = _optimizer_step(s, batches, pos, step_fn, loss_fn)
+            _record(s, pos, mean_loss, parts, lr, bar)
+            _validate(s, pos, validate)
+            _checkpoint(s, pos, run_dir)
     bar.close()
-    if mem is not None:
-        mem.writing = False
-    result.seconds = time.perf_counter() - t0
-    result.steps_run = pos.step - start_step
-    if log:
-        result.log = log.entries
-        log.close()
-    for tracker in accelerator.trackers:
+    s.result.seconds = time.perf_counter() - t0
+    s.result.steps_run = pos.step - start_step
+    if s.log:
+        s.result.log = s.log.entries
+        s.log.close()
+    for tracker in s.accelerator.trackers:
         tracker.finish()
-    accelerator.wait_for_everyone()
-    return raw, result, accelerator
+    s.accelerator.wait_for_everyone()
+    return s.raw, s.result, s.accelerator
 
 
 def _flat_config(recipe: Recipe) -> dict:

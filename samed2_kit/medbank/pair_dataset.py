@@ -1,22 +1,20 @@
 """torch Dataset over image/mask pairs (``PairRecord`` from :mod:`samed2_kit.medbank.pairs`).
 
-Kept apart from ``pairs.py`` (file-size rule); import both names from ``samed2_kit.medbank.pairs``.
+Kept apart from ``pairs.py``, which finds the pairs without importing torch; this module depends
+on it, never the other way round.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from samed2_kit.medbank.io.image import read_image, read_mask
+from samed2_kit.medbank.pairs import PairRecord
 from samed2_kit.medbank.preprocess import normalize_intensity, resize_mask, to_model_input
 from samed2_kit.prompts import Prompt, PromptConfig, sample_prompt, scale_prompt
-
-if TYPE_CHECKING:
-    from samed2_kit.medbank.pairs import PairRecord
 
 
 def augment_clip(

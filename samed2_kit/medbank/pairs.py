@@ -1,4 +1,5 @@
-"""A folder of image/mask pairs as a source of samples, and a torch Dataset over it.
+"""A folder of image/mask pairs as a source of samples (no torch: the Dataset over the records is
+``samed2_kit.medbank.pair_dataset.PairDataset``).
 
 ``PairSource`` describes a folder with two path patterns relative to its root, e.g. HC18:
 ``image="images/{id}HC.png", mask="masks/{id}HC_Annotation.png"``. ``{id}`` (required in both)
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from samed2_kit.medbank.pair_dataset import PairDataset, collate  # noqa: F401 (re-exported)
 from samed2_kit.medbank.preprocess import canonical_modality
 
 

@@ -8,6 +8,7 @@ the same pixels: ``normalize_intensity`` -> ``(H, W, 3)`` float32 in [0, 1], the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -59,6 +60,98 @@ def _min_max(x: np.ndarray) -> np.ndarray:
     return ((x - lo) / (hi - lo)).astype(np.float32)
 
 
+def check_intensities(array: np.ndarray, what: str = "image array") -> np.ndarray:
+    """`array` as an integer or float array (bool -> uint8 0/255); ValueError for other dtypes and
+    for NaN or infinite values. `what` names the array in errors."""
+    x = np.asarray(array)
+    if x.dtype == bool:
+        x = x.astype(np.uint8) * 255
+    if x.dtype.kind not in "uif":
+        raise ValueError(f"{what} has dtype {x.dtype}; expected an integer or float type")
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        raise ValueError(f"{what} holds NaN or infinite values; replace them before normalising")
+    return x
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """A modality's mapping of intensities to float32 [0, 1], fixed by `intensity_map`.
+
+    rule "range": ``(clip(x, lo, hi) - lo) / scale`` in float64 (zeros where scale <= 0, a
+    constant image); "uint8": ``x / 255`` in float32; "as_is": ``x`` as float32 (a float image
+    already in [0, 1]). ``modality`` is the resolved one: "ct", "mr" or "2d".
+    """
+
+    modality: str
+    rule: str = "range"
+    lo: float = 0.0
+    hi: float = 1.0
+    scale: float = 1.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Map an array of any shape (an image, one slice, a whole volume) -> float32, same shape."""
+        if self.rule == "uint8":
+            return x.astype(np.float32) / 255.0
+        if self.rule == "as_is":
+            return x.astype(np.float32)
+        if self.scale <= 0:
+            return np.zeros(x.shape, np.float32)
+        x64 = np.asarray(x, dtype=np.float64)
+        return ((np.clip(x64, self.lo, self.hi) - self.lo) / self.scale).astype(np.float32)
+
+
+def intensity_map(
+    x: np.ndarray,
+    modality: str = "auto",
+    window: Sequence[float] | None = None,
+    percentiles: Sequence[float] = (0.5, 99.5),
+    *,
+    rgb: bool = False,
+) -> IntensityMap:
+    """The intensity mapping of `normalize_intensity`'s rules, with statistics over all of `x`.
+
+    Args:
+        x: intensities of any shape (an (H, W, 3) image, a (Z, H, W) volume), integer or float
+            (see `check_intensities`); CT in HU. MR percentiles are taken in x's dtype; min/max
+            are exact in any dtype.
+        modality, window, percentiles: as in `normalize_intensity`.
+        rgb: x has 3 or more colour channels ("auto" then means 2d).
+
+    Returns:
+        an `IntensityMap`; apply it to x (or to parts of x, e.g. one slice of the volume).
+    """
+    mod = canonical_modality(modality)
+    if mod == "auto":
+        if window is not None:
+            mod = "ct"
+        elif x.dtype == np.uint8 or rgb:
+            mod = "2d"
+        elif x.dtype.kind in "if" and float(x.min()) < -100:
+            mod = "ct"
+        else:
+            mod = "2d"
+    if window is not None and mod != "ct":
+        raise ValueError(f"window={window} is for CT only, but modality is {modality!r}")
+    if mod == "ct":
+        level, width = window if window is not None else DEFAULT_CT_WINDOW
+        if width <= 0:
+            raise ValueError(f"CT window width must be > 0 HU, got window={window}")
+        lo = level - width / 2.0
+        return IntensityMap("ct", "range", lo, lo + width, width)
+    if mod == "mr":
+        p_lo, p_hi = percentiles
+        if not 0 <= p_lo < p_hi <= 100:
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
+        lo, hi = np.percentile(x, [p_lo, p_hi])
+        return IntensityMap("mr", "range", lo, hi, hi - lo)
+    if x.dtype == np.uint8:
+        return IntensityMap("2d", "uint8")
+    if x.dtype.kind == "f" and float(x.min()) >= 0.0 and float(x.max()) <= 1.0:
+        return IntensityMap("2d", "as_is")
+    lo, hi = float(x.min()), float(x.max())
+    return IntensityMap("2d", "range", lo, hi, hi - lo)
+
+
 def normalize_intensity(
     array: np.ndarray,
     modality: str = "auto",
@@ -74,56 +167,21 @@ def normalize_intensity(
             min < -100 -> ct (HU); otherwise 2d. A ``window`` with "auto" means ct.
         window: CT ``(level, width)`` in HU, default (40, 400); values are clipped to
             [level - width/2, level + width/2] and scaled to [0, 1]. CT only.
-        percentiles: MR clip range in percent; clipped values are scaled to [0, 1].
+        percentiles: MR clip range in percent (of the float64 values of all channels); clipped
+            values are scaled to [0, 1].
 
     2D rule: uint8 -> /255; a float image already in [0, 1] -> as is; other ints (uint16 ...)
     and floats -> min-max over all channels. A constant image under min-max (or MR percentiles)
-    gives zeros. Grey input is replicated to 3 channels.
+    gives zeros. Grey input is replicated to 3 channels. The rules are `intensity_map`'s, which
+    `samed2_kit.volume.volume_intensity` applies with statistics over a whole volume.
     """
-    x = np.asarray(array)
-    if x.dtype == bool:
-        x = x.astype(np.uint8) * 255
-    if x.dtype.kind not in "uif":
-        raise ValueError(f"image array has dtype {x.dtype}; expected an integer or float type")
-    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
-        raise ValueError(
-            "image array holds NaN or infinite values; replace them before normalising"
-        )
-    mod = canonical_modality(modality)
+    x = check_intensities(array)
     channels = x.shape[2] if x.ndim == 3 else 1
+    mod = canonical_modality(modality)
     x = _to_three_channels(x)
-    if mod == "auto":
-        if window is not None:
-            mod = "ct"
-        elif x.dtype == np.uint8 or channels >= 3:
-            mod = "2d"
-        elif x.dtype.kind in "if" and float(x.min()) < -100:
-            mod = "ct"
-        else:
-            mod = "2d"
-    if window is not None and mod != "ct":
-        raise ValueError(f"window={window} is for CT only, but modality is {modality!r}")
-    if mod == "ct":
-        level, width = window if window is not None else DEFAULT_CT_WINDOW
-        if width <= 0:
-            raise ValueError(f"CT window width must be > 0 HU, got window={window}")
-        lo = level - width / 2.0
-        out = (np.clip(x.astype(np.float64), lo, lo + width) - lo) / width
-        return out.astype(np.float32)
     if mod == "mr":
-        p_lo, p_hi = percentiles
-        if not 0 <= p_lo < p_hi <= 100:
-            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {percentiles}")
-        xf = x.astype(np.float64)
-        lo, hi = np.percentile(xf, [p_lo, p_hi])
-        if hi <= lo:
-            return np.zeros(x.shape, np.float32)
-        return ((np.clip(xf, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
-    if x.dtype.kind == "f" and float(x.min()) >= 0.0 and float(x.max()) <= 1.0:
-        return x.astype(np.float32)
-    return _min_max(x.astype(np.float64))
+        x = x.astype(np.float64)  # MR percentiles of the float64 values
+    return intensity_map(x, modality, window, percentiles, rgb=channels >= 3)(x)
 
 
 def to_model_input(image01: np.ndarray, size: int):

@@ -10,6 +10,13 @@ from pathlib import Path
 from samed2_kit.medbank.schema import IMAGES_DIR, MANIFEST, SAMPLES_DIR
 
 
+def default_store(out_dir: str | Path) -> Path:
+    """The store a run builds and reads when its recipe names none: `<out_dir>-store`, a sibling
+    of the run folder (runs/exp1 -> runs/exp1-store)."""
+    out_dir = Path(out_dir)
+    return out_dir.with_name(out_dir.name + "-store")
+
+
 def open_store(path: str | Path):
     """(manifest dict, images Dataset, samples Dataset), memory-mapped. ValueError when `path` is
     not a store or was written with another schema version."""

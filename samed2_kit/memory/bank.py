@@ -23,50 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from samed2_kit.config import MemoryConfig
+
 SCHEMA_VERSION = 1
-PARTITION_BY = ("task", "modality", "none")
-REPLACE_RULES = ("nearest", "diversity")
-
-
-@dataclass
-class MemoryConfig:
-    """Recipe section `memory:` (None: no memory)."""
-
-    key_pool: int = 1  # key = image embedding average-pooled to g x g: C * g^2 values ...
-    key_dim: int | None = 64  # ... projected to this many (fixed seeded Gaussian); None: keep all
-    top_k: int = 4  # entries retrieved per image (independent of the batch size)
-    conf_weight: float = 0.1  # lambda in score = cosine + lambda * confidence
-    threshold: float = 0.8  # write only predictions at least this confident
-    capacity: int = 256  # entries per partition
-    capacities: dict[str, int] = field(default_factory=dict)  # per-partition overrides
-    partition_by: str = "task"  # task | modality | none
-    replace: str = "nearest"  # nearest (SAMed-2) | diversity (MedSAM-2)
-    stability: bool = False  # confidence = predicted IoU x stability score
-    read_scope: str = "all"  # all: retrieve from every partition | partition: the query's own
-
-    def __post_init__(self) -> None:
-        if self.partition_by not in PARTITION_BY:
-            raise ValueError(f"memory.partition_by={self.partition_by!r}: one of {PARTITION_BY}")
-        if self.replace not in REPLACE_RULES:
-            raise ValueError(f"memory.replace={self.replace!r}: one of {REPLACE_RULES}")
-        if self.read_scope not in ("all", "partition"):
-            raise ValueError(f"memory.read_scope={self.read_scope!r}: all or partition")
-        for name, value in {"capacity": self.capacity, **{f"capacities.{k}": v for k, v in
-                            self.capacities.items()}}.items():  # fmt: skip
-            if value < 1:
-                raise ValueError(f"memory.{name}={value} must be >= 1")
-        if self.top_k < 1 or self.key_pool < 1 or not 0 <= self.threshold <= 1:
-            raise ValueError("memory: top_k >= 1, key_pool >= 1 and 0 <= threshold <= 1")
-        if self.key_dim is not None and self.key_dim < 1:
-            raise ValueError(f"memory.key_dim={self.key_dim} must be >= 1 (or null: no projection)")
-
-    def capacity_of(self, partition: str) -> int:
-        return self.capacities.get(partition, self.capacity)
 
 
 @dataclass
@@ -304,7 +268,7 @@ class ConfidenceMemory:
                 f"memory bank {path} was written by {header['model']}, this model is {model}: "
                 "a bank only works with the model (variant, image size) that wrote it"
             )
-        from samed2_kit.config import from_dict
+        from samed2_kit.utils.dataconf import from_dict
 
         bank = cls(cfg or from_dict(MemoryConfig, header["config"], "memory", str(path)),
                    header["model"])  # fmt: skip

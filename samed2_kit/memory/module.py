@@ -6,12 +6,15 @@
   features, so an empty bank leaves the model exactly as without memory. While training, an image
   never retrieves entries of its own case (`meta["case_id"]`). `retrieve` alone gives the
   entries, for callers that attend over them together with other memories (volume propagation).
-- `candidates(sam, out, meta, step)`: entries made from a batch's predictions (memory encoder on
-  the encoder features + predicted mask; confidence = predicted IoU), for the training loop to
-  gather from every rank and `commit` in the same order everywhere.
+- `candidates(update)` / `commit(items, loss)`: the training loop's interface for parts that
+  learn without gradients (`samed2_kit.types.Learner`): entries made from a micro-batch's
+  predictions (memory encoder on the encoder features + predicted mask; confidence = predicted
+  IoU), gathered from every rank and committed in the same order everywhere.
+- `save_state(folder)` / `load_state(folder)`: the bank as `folder/memory.safetensors` (final
+  models and training checkpoints).
 
 Writes happen only through `commit`, which refuses unless `writing` is on: the training loop turns
-it on for the duration of training; evaluation and the predictor never do.
+it on for the duration of training (`SAMed2Model.learning()`); evaluation and the predictor never do.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from torch import nn
 
 from samed2_kit.memory.bank import ConfidenceMemory, Entry, MemoryConfig
 from samed2_kit.model import _sam2
-from samed2_kit.model._sam2 import ImageFeatures
+from samed2_kit.types import ImageFeatures, TrainUpdate
 from samed2_kit.utils.meta import per_image
 
 MEMORY_FILE = "memory.safetensors"
@@ -94,8 +97,12 @@ class MemoryConditioner(nn.Module):
             embed = embed.index_copy(0, idx.to(dev), out.to(dtype))
         return ImageFeatures(embed, feats.high_res, feats.pos)
 
+    def candidates(self, update: TrainUpdate) -> list[Entry]:
+        """`entries_from` the micro-batch's output (`types.Learner`)."""
+        return self.entries_from(update.sam, update.out, update.meta, update.step)
+
     @torch.no_grad()
-    def candidates(self, sam, out, meta: dict, step: int) -> list[Entry]:
+    def entries_from(self, sam, out, meta: dict, step: int) -> list[Entry]:
         """Entries from one batch's predictions (on CPU), best of the M masks per image."""
         feats = out.encoder_features
         b = feats.image_embed.shape[0]
@@ -118,24 +125,37 @@ class MemoryConditioner(nn.Module):
             for j, i in enumerate(keep.tolist())
         ]  # fmt: skip
 
-    def commit(self, entries: list[Entry]) -> dict[str, int]:
-        """Apply the write policy to `entries` in order; counts per outcome."""
+    def commit(self, items: list[list[Entry]], loss: float | None = None) -> dict[str, int]:
+        """Apply the write policy to every entry of `items` (one list per micro-batch, as
+        `candidates` made them), in order; counts per outcome. `loss` is not used."""
         if not self.writing:
             raise RuntimeError(
                 "the memory bank is read-only here: only training writes (set "
                 "model.memory.writing = True to write explicitly)"
             )
         counts: dict[str, int] = {}
-        for e in entries:
+        for e in (e for entries in items for e in entries):
             outcome = self.bank.add(e)
             counts[outcome] = counts.get(outcome, 0) + 1
         return counts
+
+    def save_state(self, folder) -> list[str]:
+        """The bank as `folder/memory.safetensors` (atomic); returns the file names written."""
+        from pathlib import Path
+
+        self.bank.save(Path(folder) / MEMORY_FILE)
+        return [MEMORY_FILE]
+
+    def load_state(self, folder) -> None:
+        """Replace the bank by `folder/memory.safetensors` (same model, this config)."""
+        from pathlib import Path
+
+        self.bank = ConfidenceMemory.load(Path(folder) / MEMORY_FILE, self.bank.model, self.cfg)
 
 
 def attach_memory(model, cfg: MemoryConfig) -> MemoryConditioner:
     """Give `model` (SAMed2Model) an empty confidence memory."""
     if model.memory is not None:
         raise ValueError("the model already has a memory")
-    model.memory = MemoryConditioner(cfg, {"variant": model.spec.variant,
-                                           "image_size": model.spec.image_size})  # fmt: skip
+    model.memory = MemoryConditioner(cfg, model.spec.model_id())
     return model.memory

@@ -7,29 +7,11 @@ they import torchvision, which cannot be imported on CPU torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from samed2_kit.types import ImageFeatures
 
-@dataclass
-class ImageFeatures:
-    """Image features of a batch, in the layout sam2's mask decoder takes.
-
-    image_embed: (B, C, h, w) lowest-resolution embedding, h = w = S/16, C = hidden dim (256 in
-        Meta's variants); `no_mem_embed` already added (sam2's image-only path).
-    high_res: [(B, C/8, 4h, 4w), (B, C/4, 2h, 2w)] projected FPN levels for the decoder.
-    pos: (B, C, h, w) sine positional encoding of `image_embed` (for memory attention).
-    """
-
-    image_embed: torch.Tensor
-    high_res: list[torch.Tensor]
-    pos: torch.Tensor
-
-    def select(self, index: torch.Tensor | slice) -> ImageFeatures:
-        return ImageFeatures(
-            self.image_embed[index], [f[index] for f in self.high_res], self.pos[index]
-        )
+__all__ = ["ImageFeatures"]  # re-exported: the type lives in samed2_kit.types
 
 
 def instantiate(model_cfg) -> torch.nn.Module:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from samed2_kit.model.spec import ModelSpec
+
 log = logging.getLogger(__name__)
 
 _OURS = Path(__file__).resolve().parent.parent / "configs"
@@ -43,14 +45,6 @@ _POSTPROCESSING = {
     "dynamic_multimask_stability_delta": 0.05,
     "dynamic_multimask_stability_thresh": 0.98,
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What is needed to rebuild a model: saved as JSON next to its weights."""
-
-    variant: str = "test-tiny"
-    image_size: int = 1024
 
 
 @dataclass
@@ -109,6 +103,7 @@ def build_model(
     image_size: int = 1024,
     device: str | torch.device | None = None,
     strict: bool = False,
+    clip_len: int = 1,
 ):
     """Build a `SAMed2Model` around sam2's modules, optionally loading a checkpoint.
 
@@ -118,12 +113,14 @@ def build_model(
         image_size: model input side in px (256, 512, 1024; any multiple of 32).
         device: where to put the model (default: CPU).
         strict: raise if the checkpoint lacks keys or has extra ones (else they are logged).
+        clip_len: T adjacent slices per clip (`ModelSpec.clip_len`).
     """
     from samed2_kit.model.wrapper import SAMed2Model
 
-    model = SAMed2Model(build_sam2_module(variant, image_size), ModelSpec(variant, image_size))
+    spec = ModelSpec(variant, image_size, clip_len)
+    sam, report = build_sam2_module(variant, image_size), None
     if checkpoint is not None:
-        report = load_checkpoint(model.sam, checkpoint, variant=variant)
+        report = load_checkpoint(sam, checkpoint, variant=variant)
         if not report.ok:
             msg = (
                 f"checkpoint {report.path}: {len(report.missing)} missing keys "
@@ -133,8 +130,7 @@ def build_model(
             if strict:
                 raise ValueError(msg + "; pass strict=False to load what matches")
             log.warning(msg)
-        model.load_report = report
-    return model.to(device or "cpu")
+    return SAMed2Model(sam, spec, load_report=report).to(device or "cpu")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

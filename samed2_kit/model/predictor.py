@@ -24,6 +24,10 @@ import torch.nn.functional as F
 
 from samed2_kit.model._sam2 import ImageFeatures
 from samed2_kit.model.wrapper import Prompts, SAMed2Model
+from samed2_kit.prompts import Prompt, check_prompt
+
+# predict()'s argument names, for check_prompt's errors
+PREDICT_NAMES = {"points": "point_coords", "labels": "point_labels"}
 
 
 class Predictor:
@@ -95,21 +99,23 @@ class Predictor:
         """
         from samed2_kit.medbank.preprocess import normalize_intensity, resize_mask, to_model_input
 
-        if "hard_prototypes" not in self.model.prompt_sources:
+        readers = self.model.support_sources()
+        if not readers:
             raise ValueError(
-                "set_support needs a model with the hard_prototypes prompt source: train one "
-                "with a recipe that sets sources.hard_prototypes (e.g. recipes/few_shot.yaml)"
+                "set_support needs a model with a prompt source that reads supports (e.g. "
+                "hard_prototypes): train one with a recipe that sets sources.hard_prototypes "
+                "(e.g. recipes/few_shot.yaml)"
             )
         if isinstance(images, np.ndarray):  # one support; a list/tuple holds several
             images, masks = [images], [masks]
         images, masks = list(images), list(masks)
-        limit = self.model.prompt_sources["hard_prototypes"].cfg.max_supports
+        limit, limited_by = max_supports(self.model)
         if len(images) != len(masks) or not images:
             raise ValueError(f"set_support: {len(images)} images but {len(masks)} masks")
         if len(images) > limit:
             raise ValueError(
                 f"set_support: {len(images)} supports, more than the source allows "
-                f"(sources.hard_prototypes.max_supports={limit}): give at most {limit}, or "
+                f"(sources.{limited_by}.max_supports={limit}): give at most {limit}, or "
                 "raise max_supports"
             )
         xs, ms = [], []
@@ -143,15 +149,6 @@ class Predictor:
         s = self.model.image_size
         return xy * np.array([s / w, s / h], dtype=np.float32)
 
-    def _check_inside(self, xy: np.ndarray, what: str) -> None:
-        h, w = self._orig_hw
-        bad = (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
-        if bad.any():
-            raise ValueError(
-                f"{what} {xy[bad][0].tolist()} lies outside the {w}x{h} (WxH) image; "
-                "coordinates are (x, y) in pixels of the original image"
-            )
-
     @torch.no_grad()
     def predict(
         self,
@@ -177,33 +174,27 @@ class Predictor:
         """
         if self._features is None:
             raise RuntimeError("call set_image(image) before predict(...)")
-        if point_coords is None and box is None and mask_input is None and self._support is None:
+        p = Prompt()
+        if point_coords is not None or box is not None:
+            given = Prompt(box=box, points=point_coords, labels=point_labels)
+            p = check_prompt(given, self._orig_hw, names=PREDICT_NAMES, many_boxes=True)
+        if p.points is None and p.box is None and mask_input is None and self._support is None:
             raise ValueError(
                 "predict needs at least one prompt: point_coords, box or mask_input (or "
                 "set_support(...) first, for few-shot prediction without a prompt)"
             )
         dev = self.device
+        batched = box is not None and np.ndim(box) == 2
         boxes = None
-        if box is not None:
-            b = np.asarray(box, dtype=np.float32)
-            batched = b.ndim == 2
-            b = b.reshape(-1, 4)
-            self._check_inside(b.reshape(-1, 2), "box corner")
-            boxes = torch.from_numpy(self._to_model_coords(b.reshape(-1, 2)).reshape(-1, 4)).to(dev)
-        else:
-            batched = False
+        if p.box is not None:
+            xy = self._to_model_coords(p.box.reshape(-1, 2))
+            boxes = torch.from_numpy(xy.reshape(-1, 4)).to(dev)
         k = len(boxes) if boxes is not None else 1
         points = labels = None
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_coords given without point_labels (1 = fg, 0 = bg)")
-            pc = np.asarray(point_coords, dtype=np.float32).reshape(-1, 2)
-            pl = np.asarray(point_labels).reshape(-1)
-            if len(pc) != len(pl):
-                raise ValueError(f"{len(pc)} point_coords but {len(pl)} point_labels")
-            self._check_inside(pc, "point")
-            points = torch.from_numpy(self._to_model_coords(pc))[None].expand(k, -1, -1).to(dev)
-            labels = torch.from_numpy(pl.astype(np.int64))[None].expand(k, -1).to(dev)
+        if p.points is not None:
+            points = torch.from_numpy(self._to_model_coords(p.points))[None].expand(k, -1, -1)
+            points = points.to(dev)
+            labels = torch.from_numpy(p.labels)[None].expand(k, -1).to(dev)
         masks = None
         if mask_input is not None:
             mi = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))
@@ -230,3 +221,15 @@ class Predictor:
         if not batched:
             return result[0], scores[0], low_res[0]
         return result, scores, low_res
+
+
+def max_supports(model) -> tuple[float, str | None]:
+    """The most supports every support-reading source of `model` accepts, and which sets it."""
+    from samed2_kit.registry import source_kind
+
+    limits = []
+    for name, module in model.support_sources().items():
+        kind = source_kind(model.source_kinds[name])
+        if kind.max_supports is not None:
+            limits.append((kind.max_supports(module), name))
+    return min(limits) if limits else (float("inf"), None)

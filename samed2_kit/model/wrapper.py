@@ -23,76 +23,39 @@ Three seams, each tested:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from samed2_kit.model import _sam2
-from samed2_kit.model._sam2 import ImageFeatures
-from samed2_kit.model.build import ModelSpec
-from samed2_kit.sources.base import SourceContext, Support
+from samed2_kit.model.spec import ModelSpec
+from samed2_kit.types import (
+    ClipContext,
+    ImageFeatures,
+    Learner,
+    Prompts,
+    SAMed2Output,
+    SourceContext,
+    Support,
+)
 
-
-@dataclass
-class Prompts:
-    """A batch of prompts, one object per image, in model-input pixels (0..S, x before y).
-
-    points: (B, N, 2) click coordinates; point_labels: (B, N) 1 positive, 0 negative, -1 padding.
-    boxes: (B, 4) x0, y0, x1, y1.  masks: (B, 1, S/4, S/4) mask-prompt logits.
-    """
-
-    points: torch.Tensor | None = None
-    point_labels: torch.Tensor | None = None
-    boxes: torch.Tensor | None = None
-    masks: torch.Tensor | None = None
-
-    def __post_init__(self):
-        if (self.points is None) != (self.point_labels is None):
-            raise ValueError("Prompts: give points and point_labels together (or neither)")
-
-    def empty(self) -> bool:
-        return self.points is None and self.boxes is None and self.masks is None
-
-
-@dataclass
-class SAMed2Output:
-    """low_res_logits (B, M, S/4, S/4); iou (B, M) predicted IoU in [0, 1];
-    object_score_logits (B, 1); features: the (memory-conditioned) image features the decoder
-    used; encoder_features: the image encoder's, before memory (what memory entries are made of);
-    source_logits: {source name: (B, 1, S/4, S/4)} each prompt source's own prediction
-    (`aux_logits`), for the training loss; prompts: the prompts the decoder got (the caller's,
-    or the sources' suggested points when the caller gave none)."""
-
-    low_res_logits: torch.Tensor
-    iou: torch.Tensor
-    object_score_logits: torch.Tensor
-    features: ImageFeatures | None = None
-    encoder_features: ImageFeatures | None = None
-    source_logits: dict[str, torch.Tensor] = field(default_factory=dict)
-    prompts: Prompts | None = None
-
-
-@dataclass
-class ClipContext:
-    """Read by encoder adapters while the encoder runs: T adjacent slices per clip."""
-
-    clip_len: int = 1
-    meta: dict = field(default_factory=dict)
+__all__ = ["ClipContext", "Prompts", "SAMed2Model", "SAMed2Output"]
 
 
 class SAMed2Model(nn.Module):
     """sam2's `SAM2Base` modules plus our seams. `self.sam` is the sam2 module (never subclassed)."""
 
-    def __init__(self, sam: nn.Module, spec: ModelSpec):
+    def __init__(self, sam: nn.Module, spec: ModelSpec, load_report=None):
         super().__init__()
         self.sam = sam
         self.spec = spec
+        self.load_report = load_report  # what loading the starting checkpoint found (or None)
         self.clip = ClipContext()
+        self.adapter_configs: dict[str, object] = {}  # adapter kind -> the config it was added with
         self.prompt_sources = nn.ModuleDict()
         self.source_gates = nn.ParameterDict()
+        self.source_kinds: dict[str, str] = {}  # source name -> its kind (samed2_kit.registry)
         self.memory: nn.Module | None = None
-        self.load_report = None
 
     @property
     def image_size(self) -> int:
@@ -103,13 +66,50 @@ class SAMed2Model(nn.Module):
         """Hiera blocks, in order: the attachment points for encoder adapters."""
         return _sam2.hiera_blocks(self.sam)
 
-    def add_prompt_source(self, name: str, source: nn.Module) -> None:
-        """Register a prompt source; its gate starts at 0, so predictions are unchanged until
-        training opens it."""
+    def add_adapter(self, kind: str, cfg) -> None:
+        """Inject an adapter of a registered kind (`samed2_kit.registry.ADAPTERS`) with `cfg`,
+        recorded in `adapter_configs` (what the manifest saves)."""
+        from samed2_kit.registry import adapter_kind
+
+        if kind in self.adapter_configs:
+            raise ValueError(f"the model already has a {kind!r} adapter: add each kind once")
+        adapter_kind(kind).inject(self, cfg)
+        self.adapter_configs[kind] = cfg
+
+    def add_prompt_source(self, name: str, source: nn.Module, kind: str | None = None) -> None:
+        """Register a prompt source (of registered `kind`, default: `name`); its gate starts at
+        0, so predictions are unchanged until training opens it."""
         if name in self.prompt_sources:
             raise ValueError(f"prompt source {name!r} is already registered")
         self.prompt_sources[name] = source
         self.source_gates[name] = nn.Parameter(torch.zeros(()))
+        self.source_kinds[name] = kind or name
+
+    def support_sources(self) -> dict[str, nn.Module]:
+        """The prompt sources that read support examples (few-shot), by name."""
+        from samed2_kit.registry import SOURCES, source_kind
+
+        kinds = {n: k for n, k in self.source_kinds.items() if k in SOURCES}
+        return {n: self.prompt_sources[n] for n, k in kinds.items() if source_kind(k).needs_support}
+
+    def learners(self) -> dict[str, Learner]:
+        """The parts that learn without gradients (`samed2_kit.types.Learner`), by name: the
+        confidence memory ("memory") and the stateful prompt sources."""
+        parts = {"memory": self.memory} if self.memory is not None else {}
+        parts.update(self.prompt_sources.items())
+        return {n: p for n, p in parts.items() if isinstance(p, Learner)}
+
+    @contextlib.contextmanager
+    def learning(self):
+        """While training: the confidence memory accepts writes (evaluation never writes)."""
+        if self.memory is None:
+            yield
+            return
+        old, self.memory.writing = self.memory.writing, True
+        try:
+            yield
+        finally:
+            self.memory.writing = old
 
     @contextlib.contextmanager
     def _clip(self, clip_len: int, meta: dict | None):

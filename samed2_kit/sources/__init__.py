@@ -20,10 +20,6 @@ _WHERE = {
     "DSGIM": "dsgim",
     "HardPrototypes": "hard",
     "HardPrototypesConfig": "hard",
-    "SourcesConfig": "registry",
-    "attach_sources": "registry",
-    "sources_config": "registry",
-    "SOURCES_FILE": "registry",
 }
 
 __all__ = sorted(_WHERE)

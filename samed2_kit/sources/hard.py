@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samed2_kit.model._sam2 import ImageFeatures
-from samed2_kit.sources.base import PromptContribution, SourceContext
+from samed2_kit.registry import SourceKind
+from samed2_kit.types import ImageFeatures, PromptContribution, SourceContext
+from samed2_kit.utils import kmeans as km
 
 GLOBAL, EDGE, NORMAL, HARD = 0, 1, 2, 3  # prototype type tags
 TYPE_NAMES = ("global", "edge", "normal", "hard")
@@ -98,37 +99,21 @@ class Prototypes:
         return protos[types == kind]
 
 
-def _sqdist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared Euclidean distances (m, k) between points x (m, d) and centres c (k, d)."""
-    return ((x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None]).clamp(min=0)
-
-
 def kmeans(points: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Deterministic k-means of `points` (m, d): centres (k', d) with k' <= k, labels (m,) long.
 
-    Init by farthest-point sampling from the point nearest the mean (ties: lowest index), then
-    `iters` Lloyd steps on squared Euclidean distance (a centre left empty stays put). The returned
-    centres are the means of the final clusters, so they carry the points' gradient (the
-    assignment itself does not); empty clusters are dropped. m <= k: each point is its own centre;
-    m == 0 or k == 0: no centres (labels -1).
+    `samed2_kit.utils.kmeans.kmeans` with farthest-point init (from the point nearest the mean;
+    ties: lowest index) and `iters` Lloyd steps on squared Euclidean distance ("matmul" form; a
+    centre left empty stays put). The returned centres are the means of the final clusters, so
+    they carry the points' gradient (the assignment itself does not); empty clusters are
+    dropped. m <= k: each point is its own centre; m == 0 or k == 0: no centres (labels -1).
     """
     m = points.shape[0]
     if m == 0 or k == 0:
         return points[:0], torch.full((m,), -1, dtype=torch.long, device=points.device)
     if m <= k:
         return points, torch.arange(m, device=points.device)
-    x = points.detach()
-    chosen = [((x - x.mean(0)) ** 2).sum(1).argmin()]
-    nearest = ((x - x[chosen[0]]) ** 2).sum(1)
-    for _ in range(k - 1):
-        chosen.append(nearest.argmax())
-        nearest = torch.minimum(nearest, ((x - x[chosen[-1]]) ** 2).sum(1))
-    centres = x[torch.stack(chosen)]
-    for _ in range(iters):
-        onehot = F.one_hot(_sqdist(x, centres).argmin(1), k).to(x.dtype)
-        count = onehot.sum(0)[:, None]
-        centres = torch.where(count > 0, onehot.T @ x / count.clamp(min=1), centres)
-    labels = _sqdist(x, centres).argmin(1)
+    _, labels = km.kmeans(points.detach(), k, iters, init="farthest", distance="matmul")
     onehot = F.one_hot(labels, k).to(points.dtype)
     count = onehot.sum(0)
     keep = count > 0
@@ -375,3 +360,12 @@ class HardPrototypes(nn.Module):
             valid[..., None], xy.to(logits.dtype), torch.zeros_like(xy, dtype=logits.dtype)
         )
         return xy, torch.where(valid, labels, -1)
+
+
+KIND = SourceKind(
+    "hard_prototypes",
+    HardPrototypesConfig,
+    build=lambda cfg, model, tasks: HardPrototypes(cfg, int(model.sam.hidden_dim)),
+    needs_support=True,
+    max_supports=lambda source: source.cfg.max_supports,
+)

@@ -37,16 +37,16 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from samed2_kit.model._sam2 import ImageFeatures
-from samed2_kit.sources.base import PromptContribution, SourceContext
+from samed2_kit.registry import SourceKind
 from samed2_kit.sources.dsgim import DSGIM
+from samed2_kit.types import ImageFeatures, PromptContribution, SourceContext, TrainUpdate
 from samed2_kit.utils.atomic import atomic_path
 from samed2_kit.utils.meta import per_image
 
@@ -148,26 +148,12 @@ def _group(cls: torch.Tensor, order: torch.Tensor, k: int) -> tuple[torch.Tensor
 
 def _kmeans(x: torch.Tensor, n: torch.Tensor, m: int, seed: int) -> torch.Tensor:
     """Batched k-means: x (G, R, d) rows of G classes, the first n[g] valid -> centroids (G, m, d).
-    Init: the row nearest the class mean, then k-means++ (D^2) draws from a seeded generator."""
+    Init: the row nearest the class mean, then k-means++ (D^2) draws from a seeded generator;
+    KMEANS_ITERS Lloyd steps ("diff" distances). See `samed2_kit.utils.kmeans`."""
+    from samed2_kit.utils.kmeans import kmeans
+
     gen = torch.Generator().manual_seed(seed)
-    g, r, _ = x.shape
-    valid = torch.arange(r)[None] < n[:, None]  # (G, R)
-    rows = torch.arange(g)
-    mean = (x * valid[..., None]).sum(1) / n[:, None]
-    first = ((x - mean[:, None]) ** 2).sum(-1).masked_fill(~valid, float("inf")).argmin(1)
-    cent = [x[rows, first]]
-    dist = ((x - cent[0][:, None]) ** 2).sum(-1)
-    for _ in range(1, m):
-        p = dist.clamp(min=0) * valid
-        p = torch.where(p.sum(1, keepdim=True) > 0, p, valid.float())  # all duplicates: uniform
-        cent.append(x[rows, torch.multinomial(p, 1, generator=gen)[:, 0]])
-        dist = torch.minimum(dist, ((x - cent[-1][:, None]) ** 2).sum(-1))
-    cent = torch.stack(cent, 1)
-    for _ in range(KMEANS_ITERS):
-        assign = ((x[:, :, None] - cent[:, None]) ** 2).sum(-1).argmin(-1)  # (G, R)
-        onehot = F.one_hot(assign, m).float() * valid[..., None]
-        count = onehot.sum(1)[..., None]  # (G, m, 1)
-        cent = torch.where(count > 0, onehot.transpose(1, 2) @ x / count.clamp(min=1), cent)
+    cent, _ = kmeans(x, m, KMEANS_ITERS, n=n, init="kmeans++", generator=gen, distance="diff")
     return cent
 
 
@@ -248,7 +234,12 @@ class SimilarityPrior(nn.Module):
         return self.kw.expand(len(self.class_names))
 
     @torch.no_grad()
-    def candidates(self, feats: ImageFeatures, gt: torch.Tensor, meta: dict) -> dict:
+    def candidates(self, update: TrainUpdate) -> dict:
+        """`rows_from` the micro-batch's encoder features and masks (`types.Learner`)."""
+        return self.rows_from(update.out.encoder_features, update.masks, update.meta)
+
+    @torch.no_grad()
+    def rows_from(self, feats: ImageFeatures, gt: torch.Tensor, meta: dict) -> dict:
         """Rows to write from a batch: gt (B, 1, S, S) {0, 1}; meta["task"] per clip.
 
         Returns CPU tensors {"features": (n, d) float32, "classes": (n,) long, "rank": (n,) long
@@ -390,7 +381,7 @@ class SimilarityPrior(nn.Module):
         fix when it was built for another model or is not a (readable) prior file."""
         from safetensors import safe_open
 
-        from samed2_kit.config import from_dict
+        from samed2_kit.utils.dataconf import from_dict
 
         path = Path(path)
         try:
@@ -432,3 +423,18 @@ class SimilarityPrior(nn.Module):
                 "restore it from a checkpoint or train a new prior"
             ) from e
         return prior
+
+
+def _build(cfg: SimilarityPriorConfig, model, tasks: list[str] | None) -> SimilarityPrior:
+    """The prior for `model`; its classes default to the run's tasks."""
+    if not cfg.classes:
+        if not tasks:
+            raise ValueError(
+                "the similarity prior needs its classes (one per task): set "
+                f"{_KEY}.classes or data.tasks in the recipe"
+            )
+        cfg = replace(cfg, classes=list(tasks))
+    return SimilarityPrior(cfg, int(model.sam.hidden_dim), model.spec.model_id())
+
+
+KIND = SourceKind("similarity_prior", SimilarityPriorConfig, _build)

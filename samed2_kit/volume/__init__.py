@@ -1,10 +1,7 @@
-"""Volumes: propagate a segmentation from prompted slices through a 3D scan (SAM 2's video path)."""
+"""Volumes: propagate a segmentation from prompted slices through a 3D scan (SAM 2's video path).
 
-from samed2_kit.volume.propagate import (
-    SlicePrompt,
-    model_clip_len,
-    propagate_volume,
-    volume_intensity,
-)
+Prompts are `samed2_kit.prompts.Prompt`s (or dicts of their fields), in pixels of their slice."""
 
-__all__ = ["SlicePrompt", "model_clip_len", "propagate_volume", "volume_intensity"]
+from samed2_kit.volume.propagate import model_clip_len, propagate_volume, volume_intensity
+
+__all__ = ["model_clip_len", "propagate_volume", "volume_intensity"]

@@ -1,6 +1,6 @@
 """Propagate a segmentation through a volume from a few prompted slices (SAM 2's video path).
 
-    masks = propagate_volume(model, ct_volume, {40: SlicePrompt(box=np.array([120, 80, 300, 260]))},
+    masks = propagate_volume(model, ct_volume, {40: Prompt(box=np.array([120, 80, 300, 260]))},
                              modality="ct", window=(40, 400))          # (Z, H, W) bool
 
 Algorithm, for a volume (Z, H, W) (axis 0 = slices; "up" = towards higher slice indices):
@@ -34,9 +34,7 @@ afterwards, and the confidence bank is only read.
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter, deque
-from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -44,127 +42,28 @@ import torch.nn.functional as F
 
 from samed2_kit.model import _sam2
 from samed2_kit.model._sam2 import ImageFeatures
+from samed2_kit.prompts import Prompt, check_prompt
 
 DIRECTIONS = ("both", "up", "down")
 NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: mask logits of a slice without the object
 
 
-@dataclass
-class SlicePrompt:
-    """A prompt on one slice, in pixels of that slice: x = column, y = row (like `Predictor`).
-
-    points: (N, 2) x, y; labels: (N,) 1 foreground / 0 background; box: (4,) x0, y0, x1, y1;
-    mask: (H, W) bool, an existing mask of the slice (taken as its result; empty = no object).
-    """
-
-    points: np.ndarray | None = None
-    labels: np.ndarray | None = None
-    box: np.ndarray | None = None
-    mask: np.ndarray | None = None
-
-
-def _check_prompt(z: int, p, h: int, w: int) -> SlicePrompt:
-    """A validated copy of prompt `p` (SlicePrompt or dict) on slice z of an (H, W) slice grid."""
-    where = f"prompts[{z}]"
-    if isinstance(p, dict):
-        names = {f.name for f in fields(SlicePrompt)}
-        if set(p) - names:
-            raise ValueError(f"{where}: unknown keys {sorted(set(p) - names)}; use {sorted(names)}")
-        p = SlicePrompt(**p)
-    elif not isinstance(p, SlicePrompt):
-        raise ValueError(f"{where} is a {type(p).__name__}: give a SlicePrompt or a dict")
-    pts = None if p.points is None else np.asarray(p.points, np.float32).reshape(-1, 2)
-    pts = None if pts is not None and not len(pts) else pts
-    box = None if p.box is None else np.asarray(p.box, np.float32)
-    if pts is None and box is None and p.mask is None:
-        raise ValueError(f"{where} is empty: give points (+ labels), a box or a mask")
-    if p.mask is not None:
-        mask = np.asarray(p.mask)
-        if mask.shape != (h, w):
-            raise ValueError(f"{where}.mask is {mask.shape}, the slice is {(h, w)}: give (H, W)")
-        if pts is not None or box is not None:
-            raise ValueError(f"{where}: a mask is the slice's result; give it without points/box")
-        return SlicePrompt(mask=mask if mask.dtype == bool else mask > 0)
-    labels = None
-    if pts is not None:
-        if p.labels is None:
-            raise ValueError(f"{where}.labels missing: give one label per point (1 fg, 0 bg)")
-        labels = np.asarray(p.labels).reshape(-1)
-        if len(labels) != len(pts) or not np.isin(labels, (0, 1)).all():
-            raise ValueError(f"{where}.labels must be {len(pts)} values of 1 (fg) or 0 (bg)")
-    if box is not None and box.size != 4:
-        raise ValueError(f"{where}.box has {box.size} values: give (x0, y0, x1, y1)")
-    for name, xy in (("points", pts), ("box", None if box is None else box.reshape(2, 2))):
-        if xy is not None and ((xy < 0) | (xy > [w, h])).any():
-            raise ValueError(
-                f"{where}.{name} {xy.tolist()} lies outside the {w}x{h} (WxH) slice: coordinates "
-                "are (x, y) in pixels of the slice, x in [0, W], y in [0, H]"
-            )
-    return SlicePrompt(points=pts, labels=labels, box=None if box is None else box.reshape(4))
-
-
 def volume_intensity(array: np.ndarray, modality: str = "auto", window=None,
                      percentiles=(0.5, 99.5)):  # fmt: skip
     """One intensity mapping for a whole volume (Z, H, W): returns f(z) -> slice z as (H, W)
-    float32 in [0, 1]. The rules of `normalize_intensity` (modality "auto"/"ct"/"mr"/"2d", CT
-    window (level, width) in HU, MR percentiles), with statistics over every voxel."""
-    from samed2_kit.medbank.preprocess import DEFAULT_CT_WINDOW, canonical_modality
+    float32 in [0, 1]. `normalize_intensity`'s rules (`intensity_map`: modality "auto"/"ct"/"mr"/
+    "2d", CT window (level, width) in HU, MR percentiles), with statistics over every voxel."""
+    from samed2_kit.medbank.preprocess import check_intensities, intensity_map
 
-    a = np.asarray(array)
-    if a.dtype == bool:
-        a = a.astype(np.uint8) * 255
-    if a.dtype.kind not in "uif":
-        raise ValueError(f"volume has dtype {a.dtype}; expected an integer or float type")
-    if a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ValueError("volume holds NaN or infinite values; replace them first")
-    mod = canonical_modality(modality)
-    if mod == "auto":
-        hu = a.dtype.kind in "if" and float(a.min()) < -100
-        mod = "ct" if window is not None or hu else "2d"
-    if window is not None and mod != "ct":
-        raise ValueError(f"window={window} is for CT only, but modality is {modality!r}")
-    lo, hi = 0.0, 1.0  # as is: a float volume already in [0, 1]
-    if mod == "ct":
-        level, width = window if window is not None else DEFAULT_CT_WINDOW
-        if width <= 0:
-            raise ValueError(f"CT window width must be > 0 HU, got window={window}")
-        lo = level - width / 2.0
-        hi = lo + width
-    elif mod == "mr":
-        lo, hi = (float(v) for v in np.percentile(a, percentiles))
-    elif a.dtype != np.uint8 and not (a.dtype.kind == "f" and a.min() >= 0 and a.max() <= 1):
-        lo, hi = float(a.min()), float(a.max())  # 2D min-max
-    scale = width if mod == "ct" else hi - lo
-
-    def slice01(z: int) -> np.ndarray:
-        x = a[z]
-        if mod == "2d" and a.dtype == np.uint8:
-            return x.astype(np.float32) / 255.0
-        if scale <= 0:  # a constant volume
-            return np.zeros(x.shape, np.float32)
-        return ((np.clip(x.astype(np.float64), lo, hi) - lo) / scale).astype(np.float32)
-
-    return slice01
+    a = check_intensities(array, "volume")
+    mapping = intensity_map(a, modality, window, percentiles)
+    return lambda z: mapping(a[z])
 
 
 def model_clip_len(model) -> int:
-    """T adjacent slices per clip for the model's encoder: `model.adapter_config["clip_len"]` (or
-    its attribute `clip_len`) when set, else 1. Neither the state dict nor the temporal-adapter
-    config records T (the recipe's `data.clip_len`; `load_model` sets it from the saved recipe), so a model with temporal
-    adapters and no `adapter_config` gets 1 and a warning: pass `clip_len=` then."""
-    from samed2_kit.adapters.temporal import ADAPTER_NAME
-
-    cfg = getattr(model, "adapter_config", None)
-    t = cfg.get("clip_len") if isinstance(cfg, dict) else getattr(cfg, "clip_len", None)
-    if t is not None:
-        return int(t)
-    if any(hasattr(b, ADAPTER_NAME) for b in model.encoder_blocks):
-        warnings.warn(
-            "the model has temporal adapters but no recorded clip length: encoding single "
-            "slices (T=1); pass clip_len=T (the recipe's data.clip_len)",
-            stacklevel=2,
-        )
-    return 1
+    """T adjacent slices per clip for the model's encoder: `model.spec.clip_len`, the recipe's
+    `data.clip_len` the model was assembled with (saved in its manifest; 1 for 2D models)."""
+    return int(model.spec.clip_len)
 
 
 def _passes(starts: list[int], n: int, direction: str) -> list[tuple[int, list[int]]]:
@@ -233,7 +132,8 @@ def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", wi
     Args:
         model: a SAMed2Model. volume: (Z, H, W) array (CT in HU) or a medbank `Volume` (its
             meta["modality"] "CT"/"MR" is used when modality is "auto").
-        prompts: {slice index z: SlicePrompt or a dict of its fields}, pixels of slice z.
+        prompts: {slice index z: Prompt or a dict of its fields}, in pixels of slice z; a mask
+            prompt (H, W) is taken as the slice's result.
         modality, window: intensity handling as in `Predictor.set_image`, over the whole volume.
         memory_frames: recent results each propagated slice attends to (besides the prompted
             slice of its pass); 0: no memory of this volume. direction: "both", "up" (towards
@@ -266,12 +166,12 @@ def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", wi
         if v is not None and not (_is_int(v) and v >= least):
             raise ValueError(f"{name}={v!r}: give an integer >= {least}")
     if not prompts:
-        raise ValueError("prompts is empty: give {slice index: SlicePrompt(...)} for >= 1 slice")
+        raise ValueError("prompts is empty: give {slice index: Prompt(...)} for >= 1 slice")
     checked = {}
     for z, p in prompts.items():
         if not (_is_int(z) and 0 <= z < n):
             raise ValueError(f"prompts: slice index {z!r} is not in 0..{n - 1}: Z = {n} slices")
-        checked[int(z)] = _check_prompt(int(z), p, h, w)
+        checked[int(z)] = check_prompt(p, (h, w), f"prompts[{z}]")
     starts = sorted(checked)
     passes = _passes(starts, n, direction)
     t = clip_len or model_clip_len(model)
@@ -319,7 +219,7 @@ def _upsample(low: torch.Tensor, h: int, w: int) -> np.ndarray:
     return (up[0, 0] > 0).cpu().numpy()
 
 
-def _decode_prompted(model, feats: ImageFeatures, p: SlicePrompt, h: int, w: int):
+def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
     """A prompted slice -> (result (H, W) bool, memory features (mem_dim, h', w'))."""
     from samed2_kit.model.wrapper import Prompts
 

@@ -34,9 +34,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model("test-tiny", None, 128)
     if sources:
-        from samed2_kit.sources import attach_sources
+        from samed2_kit.model.assemble import add_sources
 
-        attach_sources(model, recipe.sources, ["fetal_head"])
+        add_sources(model, recipe.sources, ["fetal_head"])
     if memory:
         from samed2_kit.memory import MemoryConfig, attach_memory
 

@@ -16,6 +16,8 @@ LAUNCH = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--n
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 SCRIPT = Path(__file__).with_name("ddp_train_script.py")
 
+pytestmark = pytest.mark.slow  # 2-process `accelerate launch` runs
+
 
 def _run(cmd):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ENV)

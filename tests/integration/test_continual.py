@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from samed2_kit.adapters.freeze import matching
 from samed2_kit.adapters.lora import LoraSpec, inject_lora
 from samed2_kit.engine.continual import adapter_pattern
@@ -32,6 +34,7 @@ def _run(out, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # two `samed2 train` runs in subprocesses
 def test_two_stages_report_forgetting_and_gain(tmp_path):
     stages = ("continual={stages: [{name: us, tasks: [fetal_head], steps: 3},"
               " {name: ct, tasks: [abdomen_ct_organs], steps: 3, replay: 4}]}")  # fmt: skip
@@ -71,6 +74,7 @@ def test_two_stages_report_forgetting_and_gain(tmp_path):
     assert ConfidenceMemory.load(tmp_path / "run" / "memory.safetensors").digest() == bank.digest()
 
 
+@pytest.mark.slow  # `samed2 train` in a subprocess
 def test_one_adapter_set_per_stage_leaves_the_first_stage_untouched(tmp_path):
     stages = ("continual={stages: [{name: us, tasks: [fetal_head], steps: 3, adapter: us,"
               " trainable: [mask_decoder]}, {name: ct, tasks: [abdomen_ct_organs], steps: 3,"

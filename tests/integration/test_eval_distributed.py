@@ -18,11 +18,13 @@ LAUNCH = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--n
 # one thread in both runs, so that both compute the same floating-point sums
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
+pytestmark = pytest.mark.slow  # `samed2 eval` in subprocesses, under `accelerate launch` too
+
 
 @pytest.fixture
 def run_folder(tmp_path):
     from samed2_kit.config import load_recipe, to_dict
-    from samed2_kit.engine.checkpoint import save_model
+    from samed2_kit.model.assemble import save as save_model
     from samed2_kit.model import build_model
 
     torch.manual_seed(0)

@@ -5,8 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 SAMED2 = [sys.executable, "-m", "samed2_kit.cli", "medbank"]
+
+pytestmark = pytest.mark.slow  # `samed2 medbank` in subprocesses
 
 
 def _run(*args):

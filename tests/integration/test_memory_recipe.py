@@ -4,10 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-from samed2_kit.engine.checkpoint import load_model
+import pytest
+
+from samed2_kit.model.assemble import load as load_model
 from samed2_kit.memory import ConfidenceMemory
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # `samed2 train | eval | memory` in subprocesses
 
 
 def test_memory_recipe_saves_the_bank_and_eval_leaves_it_unchanged(hc18_store, tmp_path):

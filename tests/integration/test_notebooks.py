@@ -47,6 +47,7 @@ def test_committed_notebook_has_no_outputs(name):
         assert cell.execution_count is None, f"{name}: code cell {i} has an execution count"
 
 
+@pytest.mark.slow  # a Jupyter kernel per notebook, training in it
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
     nb = _notebook(name)

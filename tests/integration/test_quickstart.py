@@ -10,6 +10,8 @@ import pytest
 
 SAMED2 = [sys.executable, "-m", "samed2_kit.cli"]
 
+pytestmark = pytest.mark.slow  # `samed2 quickstart | eval` in subprocesses
+
 
 def _run(args, **kw):
     return subprocess.run(SAMED2 + args, capture_output=True, text=True, timeout=600, **kw)

@@ -8,8 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
+
+pytestmark = pytest.mark.slow  # `samed2 train` in subprocesses, one killed with SIGKILL
 
 
 def _cmd(store, out, *extra):

@@ -11,6 +11,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SAMED2 = [sys.executable, "-m", "samed2_kit.cli"]
 
+pytestmark = pytest.mark.slow  # `samed2 train | eval` in subprocesses
+
 
 def test_temporal_recipe_trains_saves_and_reloads(tmp_path):
     out = tmp_path / "run"

@@ -197,11 +197,11 @@ def test_save_load_round_trip(tmp_path, images):
     saved = load_file(str(tmp_path / "adapters-ct.safetensors"))  # only adapter tensors:
     assert set(saved) == {n for n, _ in model.named_parameters() if ".lora_" in n}
     meta = json.loads((tmp_path / "adapters-ct.json").read_text())
-    assert meta["lora"]["ct"]["spec"]["rank"] == 4 and meta["extra"] == {"step": 3}
+    assert meta["adapters"]["lora"]["sets"]["ct"]["spec"]["rank"] == 4 and meta["extra"] == {"step": 3}
     assert (meta["variant"], meta["image_size"]) == ("test-tiny", 256)
     other = fresh()  # same seed: same base weights, no LoRA yet
     loaded = io.load_adapters(other, tmp_path, name="ct")
-    assert loaded.injected_lora == ["ct"] and lora.active_lora(other) == "ct"
+    assert loaded.injected["lora"] == ["ct"] and lora.active_lora(other) == "ct"
     torch.testing.assert_close(infer(other, images), y, atol=1e-6, rtol=0)
 
     with pytest.raises(ValueError, match="hash"):
@@ -222,7 +222,7 @@ def test_prompt_source_tensors_need_the_source(tmp_path):
     model.add_prompt_source("proto", nn.Linear(4, 4))
     io.save_adapters(model, tmp_path)
     saved = json.loads((tmp_path / "adapters-default.json").read_text())
-    assert saved["prompt_sources"] == ["proto"] and saved["lora"] == {}
+    assert saved["prompt_sources"] == ["proto"] and saved["adapters"] == {}
     with pytest.raises(ValueError, match="add_prompt_source"):
         io.load_adapters(fresh(), tmp_path)
     with pytest.raises(ValueError, match="no adapters to save"):
@@ -235,15 +235,16 @@ def test_temporal_and_lora_round_trip(tmp_path):
     model = fresh()
     temporal.inject_temporal_adapters(model, temporal.TemporalAdapterConfig(rank=4, blocks=[1, 3]))
     lora.inject_lora(model, lora.LoraSpec(preset="decoder-attn"))
-    sgd(model, clip, rf"{freeze.TEMPORAL_PATTERN}|{lora.PEFT_PARAM_PATTERN}", clip_len=2)
+    sgd(model, clip, rf"{temporal.TEMPORAL_PATTERN}|{lora.PEFT_PARAM_PATTERN}", clip_len=2)
     y = infer(model, clip, clip_len=2)
     assert (y - infer(fresh(), clip, clip_len=2)).abs().max() > 1e-5
     io.save_adapters(model, tmp_path)
     meta = json.loads((tmp_path / "adapters-default.json").read_text())
-    assert meta["temporal"] == {"rank": 4, "kernel": 3, "blocks": [1, 3]}
+    assert meta["adapters"]["temporal"] == {"rank": 4, "kernel": 3, "blocks": [1, 3]}
 
     other = fresh()
     loaded = io.load_adapters(other, tmp_path)
-    assert sorted(loaded.temporal.adapters) == [1, 3] and loaded.injected_lora == ["default"]
+    assert sorted(loaded.injected["temporal"].adapters) == [1, 3]
+    assert loaded.injected["lora"] == ["default"]
     torch.testing.assert_close(infer(other, clip, clip_len=2), y, atol=1e-6, rtol=0)
     assert freeze.matching(other, "temporal_adapter")

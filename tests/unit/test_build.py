@@ -31,17 +31,6 @@ def test_meta_variant_configs(variant):
     assert cfg.model.sam_mask_decoder_extra_args["dynamic_multimask_via_stability"] is True
 
 
-# Parameter counts of Meta's SAM 2.1 models (M): tiny 38.9, small 46.0, base_plus 80.8, large 224.4
-@pytest.mark.parametrize(
-    "variant, millions", [("tiny", 38.9), ("small", 46.0), ("base_plus", 80.8), ("large", 224.4)]
-)
-def test_meta_variants_build_and_are_recognised(variant, millions):
-    m = build_model(variant, image_size=256)
-    n = sum(p.numel() for p in m.parameters())
-    assert abs(n / 1e6 - millions) < 0.1
-    assert guess_variant(m.sam.state_dict()) == variant
-
-
 def test_bad_variant_and_size():
     with pytest.raises(ValueError, match="unknown model variant 'huge'"):
         build_model("huge")

@@ -37,17 +37,27 @@ def test_invalid_yaml_names_the_file(tmp_path):
         load_recipe(path)
 
 
-def test_type_errors_and_bad_overrides():
-    with pytest.raises(ValueError, match="train.steps .* must be an integer"):
-        load_recipe(None, ["train.steps=1.5"])
-    with pytest.raises(ValueError, match="must be a number"):
-        load_recipe(None, ["train.lr=fast"])
-    with pytest.raises(ValueError, match="not key=value"):
-        load_recipe(None, ["train.steps"])
-    with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        load_recipe("nope.yaml")
-    with pytest.raises(ValueError, match="PromptConfig.mode='circle'"):
-        load_recipe(None, ["data.prompt.mode=circle"])
+# (recipe file, overrides, error, message): types, override syntax, enum and range checks
+BAD_RECIPES = [
+    (None, ["train.steps=1.5"], ValueError, "train.steps .* must be an integer"),
+    (None, ["train.lr=fast"], ValueError, "must be a number"),
+    (None, ["train.steps"], ValueError, "not key=value"),
+    ("nope.yaml", [], FileNotFoundError, "nope.yaml"),
+    (None, ["data.prompt.mode=circle"], ValueError, "PromptConfig.mode='circle'"),
+    (None, ["train.keep_last=0"], ValueError, "train.keep_last=0 must be >= 1"),
+    (None, ["train.save_every=-1"], ValueError, "train.save_every=-1"),
+    (None, ["continual={stages: [{name: a, tasks: []}]}"], ValueError, "needs at least one task"),
+    (None, ["continual={stages: [{name: a, tasks: [x], step: 3}]}"], ValueError,
+     "unknown key 'continual.stages\\[0\\].step'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "path, overrides, error, match", BAD_RECIPES, ids=[" ".join(c[1]) or c[0] for c in BAD_RECIPES]
+)
+def test_type_errors_bad_overrides_and_bad_values(path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        load_recipe(path, overrides)
 
 
 def test_every_shipped_recipe_validates():
@@ -67,14 +77,3 @@ def test_every_shipped_recipe_validates():
         load_spec(path)
     cont = load_recipe(root / "continual_new_modality.yaml")
     assert [s.name for s in cont.continual.stages] == ["ultrasound", "ct"]
-
-
-def test_train_and_continual_values_are_checked():
-    with pytest.raises(ValueError, match="train.keep_last=0 must be >= 1"):
-        load_recipe(None, ["train.keep_last=0"])
-    with pytest.raises(ValueError, match="train.save_every=-1"):
-        load_recipe(None, ["train.save_every=-1"])
-    with pytest.raises(ValueError, match="needs at least one task"):
-        load_recipe(None, ["continual={stages: [{name: a, tasks: []}]}"])
-    with pytest.raises(ValueError, match="unknown key 'continual.stages\\[0\\].step'"):
-        load_recipe(None, ["continual={stages: [{name: a, tasks: [x], step: 3}]}"])

@@ -112,9 +112,10 @@ def test_evaluate_each_protocol(tiny_model, hc18_store, protocol):
     cfg = EvalConfig(prompt=protocol, clicks=3, max_items=3)
     supports = None
     if protocol == "support":  # few-shot: a model with the hard-prototype source, a val support
-        from samed2_kit.sources import HardPrototypesConfig, SourcesConfig, attach_sources
+        from samed2_kit.model.assemble import add_sources
+        from samed2_kit.sources import HardPrototypesConfig
 
-        attach_sources(tiny_model, SourcesConfig(hard_prototypes=HardPrototypesConfig()))
+        add_sources(tiny_model, {"hard_prototypes": HardPrototypesConfig()})
         supports = {"fetal_head": items_from_store(hc18_store, "val")[:1]}
     rows, preds = ev.evaluate(tiny_model, items, cfg, progress=False, supports=supports)
     assert [r.sample_id for r in rows] == [it.sample_id for it in items[:3]]

@@ -218,7 +218,7 @@ def test_samed2_predict_on_a_dicom_series_writes_a_seg_that_references_it(tmp_pa
     import json
 
     from samed2_kit.cli import main
-    from samed2_kit.engine.checkpoint import save_model
+    from samed2_kit.model.assemble import save as save_model
 
     _ct_series(tmp_path / "ct", [0.0, 2.0, 4.0, 6.0])
     run = save_model(tiny_model, tmp_path / "run", {"recipe": {}})

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from samed2_kit.config import load_recipe
-from samed2_kit.engine.checkpoint import load_model, save_model
+from samed2_kit.model.assemble import load as load_model
+from samed2_kit.model.assemble import save as save_model
 from samed2_kit.model import build_model
 from samed2_kit.model.predictor import Predictor
-from samed2_kit.sources import HardPrototypesConfig, SimilarityPriorConfig, SourcesConfig
-from samed2_kit.sources.registry import SOURCES_FILE, attach_sources
+from samed2_kit.model.assemble import add_sources
+from samed2_kit.sources import HardPrototypesConfig, SimilarityPriorConfig
 
 H, W = 150, 200
 
@@ -30,11 +31,12 @@ def _image(mask, seed):
 
 
 def _with_sources(model, prior=True, hard=True):
-    cfg = SourcesConfig(
-        similarity_prior=SimilarityPriorConfig(slots=4, dim=8, warmup_updates=0) if prior else None,
-        hard_prototypes=HardPrototypesConfig(max_supports=2) if hard else None,
-    )
-    attach_sources(model, cfg, classes=["disk"])
+    cfg = {}
+    if prior:
+        cfg["similarity_prior"] = SimilarityPriorConfig(slots=4, dim=8, warmup_updates=0)
+    if hard:
+        cfg["hard_prototypes"] = HardPrototypesConfig(max_supports=2)
+    add_sources(model, cfg, ["disk"])
     return model
 
 
@@ -46,7 +48,7 @@ def _fill_prior(model):
     gt[:, :, 80:160, 80:160] = 1
     prior.train()
     with torch.no_grad():
-        items = [prior.candidates(model.encode(x), gt, {"task": ["disk", "disk"]})]
+        items = [prior.rows_from(model.encode(x), gt, {"task": ["disk", "disk"]})]
         prior.commit(items, loss=1.0)
     prior.eval()
     assert int(prior.filled.sum()) > 0
@@ -102,7 +104,7 @@ def test_few_shot_prediction_is_deterministic_and_needs_no_prompt(tiny_model):
 def test_bad_supports_are_clear_errors(tiny_model):
     pred = Predictor(tiny_model)
     m = _disk(70, 90, 30)
-    with pytest.raises(ValueError, match="hard_prototypes prompt source"):
+    with pytest.raises(ValueError, match="a prompt source that reads supports"):
         pred.set_support(_image(m, 0), m)
     pred = Predictor(_with_sources(tiny_model, prior=False))
     with pytest.raises(ValueError, match="differ in size"):
@@ -143,7 +145,7 @@ def test_prediction_and_evaluation_change_no_state(tiny_model):
         model.prompt_sources["similarity_prior"].commit([], 1.0)
     with pytest.raises(ValueError, match="no support examples for task 'disk'"):
         ev.evaluate(model, items, EvalConfig(prompt="support"), False, {})
-    with pytest.raises(ValueError, match="needs a model with the hard_prototypes"):
+    with pytest.raises(ValueError, match="needs a model with a prompt source that reads supports"):
         ev.evaluate(build_model("test-tiny", image_size=256), items, EvalConfig(prompt="support"))
 
 
@@ -154,7 +156,7 @@ def test_save_load_round_trip_keeps_sources_and_their_state(tiny_model, tmp_path
         for g in model.source_gates.values():
             g.fill_(0.5)
     save_model(model, tmp_path)
-    saved = json.loads((tmp_path / SOURCES_FILE).read_text())
+    saved = json.loads((tmp_path / "model.json").read_text())
     assert set(saved["sources"]) == {"similarity_prior", "hard_prototypes"}
     loaded = load_model(tmp_path).eval()
     a, b = model.state_dict(), loaded.state_dict()
@@ -168,11 +170,10 @@ def test_save_load_round_trip_keeps_sources_and_their_state(tiny_model, tmp_path
         out.append(pred.predict(multimask_output=False)[2])
     assert np.array_equal(out[0], out[1])
 
-    other = build_model("test-tiny", image_size=128)
-    from samed2_kit.sources.registry import attach_saved
-
-    with pytest.raises(ValueError, match="load them into a model of that variant and size"):
-        attach_saved(other, saved, tmp_path / SOURCES_FILE)
+    saved["spec"]["image_size"] = 128  # the sources' tensors no longer fit the model
+    (tmp_path / "model.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="a bank only works with|image_size=128|image size"):
+        load_model(tmp_path)
 
 
 class _FakeBase:
@@ -223,7 +224,7 @@ def test_episodes_pair_queries_with_other_cases(hc18_store):
 
 
 def test_training_updates_the_prior_and_trains_the_prototype_heads(hc18_store):
-    from samed2_kit.engine.run import build_run_model
+    from samed2_kit.model.assemble import from_recipe
     from samed2_kit.engine.train import train
 
     recipe = load_recipe(None, [
@@ -231,7 +232,7 @@ def test_training_updates_the_prior_and_trains_the_prototype_heads(hc18_store):
         "train.mixed_precision=no", "data.episodes=true", "data.prompt.mode=none",
         "sources={similarity_prior: {slots: 4, dim: 8, warmup_updates: 2}, hard_prototypes: {}}",
     ])  # fmt: skip
-    model = build_run_model(recipe, tasks=["fetal_head"])
+    model = from_recipe(recipe, tasks=["fetal_head"])
     head = model.prompt_sources["hard_prototypes"]
     before = {k: v.clone() for k, v in head.state_dict().items()}
     model, result, _ = train(recipe, model, hc18_store, progress=False)

@@ -243,6 +243,7 @@ def test_nnunet_and_msd_layouts(tmp_path):
     assert set(samples["case_id"]) == {f"{s}/case_{k:03d}" for s in ("nn", "msd") for k in range(3)}
 
 
+@pytest.mark.slow  # every real set; the bundled samples build in the default tier
 def test_every_shared_data_set_builds_and_verifies(tmp_path, shared_data):
     spec, sha = load_spec(REPO / "tests" / "data" / "shared_data_spec.yaml")
     report = build(spec, tmp_path / "store", sha, progress=False)

@@ -113,11 +113,11 @@ def _filled_model(case="a"):
     x, p = _images()
     with torch.no_grad():
         out = model(x, p)
-        entries = mem.candidates(model.sam, out, {"case_id": [case, case], "task": ["t", "t"]}, 1)
+        entries = mem.entries_from(model.sam, out, {"case_id": [case, case], "task": ["t", "t"]}, 1)
     with pytest.raises(RuntimeError, match="read-only"):
-        mem.commit(entries)
+        mem.commit([entries])
     mem.writing = True
-    assert mem.commit(entries) == {"inserted": 2}
+    assert mem.commit([entries]) == {"inserted": 2}
     mem.writing = False
     return model, x, p
 

@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from samed2_kit.medbank.pairs import (
-    PairDataset,
-    PairSource,
-    collate,
-    find_pairs,
-    sample_sources,
-    split_by_case,
-)
+from samed2_kit.medbank.pair_dataset import PairDataset, collate
+from samed2_kit.medbank.pairs import PairSource, find_pairs, sample_sources, split_by_case
 from samed2_kit.prompts import PromptConfig
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

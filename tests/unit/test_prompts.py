@@ -1,4 +1,4 @@
-"""Tests for samed2_kit.prompts: box convention, jitter, point sampling, scaling."""
+"""Tests for samed2_kit.prompts: box convention, jitter, point sampling, scaling, validation."""
 
 import numpy as np
 import pytest
@@ -7,6 +7,7 @@ from samed2_kit.prompts import (
     Prompt,
     PromptConfig,
     box_from_mask,
+    check_prompt,
     sample_points,
     sample_prompt,
     scale_prompt,
@@ -113,3 +114,71 @@ def test_scale_prompt():
     np.testing.assert_allclose(out.points, [[128, 128], [64, 64]])
     assert out.box.dtype == np.float32 and out.labels.dtype == np.int64
     assert scale_prompt(Prompt(), (10, 10), 5) == Prompt()
+
+
+def test_check_prompt_converts_and_keeps_values():
+    p = check_prompt(
+        {"box": [1, 2, 30, 40], "points": [[3, 4], [5, 6]], "labels": [1.0, 0]}, (50, 60)
+    )
+    assert p.box.dtype == np.float32 and p.box.shape == (4,)
+    assert p.points.dtype == np.float32 and p.points.shape == (2, 2)
+    assert p.labels.dtype == np.int64 and p.labels.tolist() == [1, 0]
+    assert p.mask is None
+    many = check_prompt(Prompt(box=[[0, 0, 5, 5], [1, 1, 60, 50]]), (50, 60), many_boxes=True)
+    assert many.box.shape == (2, 4)
+    # zero points are no points; labels without points are dropped
+    p = check_prompt(Prompt(box=[0, 0, 5, 5], points=np.zeros((0, 2)), labels=[]), (10, 10))
+    assert p.points is None and p.labels is None
+    m = check_prompt({"mask": np.eye(4, dtype=np.uint8)}, (4, 4))
+    assert m.mask.dtype == bool and m.mask.sum() == 4 and m.box is None
+
+
+@pytest.mark.parametrize(
+    ("prompt", "kwargs", "message"),
+    [
+        ({}, {"where": "prompts[3]"}, r"prompts\[3\] is empty: give a box and/or points"),
+        ({"bbox": [0, 0, 1, 1]}, {}, r"unknown keys \['bbox'\]; use box, points, labels, mask"),
+        ({"mask": np.ones((2, 2))}, {"fields": ("box",)}, r"unknown keys \['mask'\]; use box"),
+        ([1, 2, 3, 4], {}, "got a list: give a Prompt or a dict"),
+        ({"box": [0, 0, 1]}, {}, r"box must be 4 numbers .* got shape \(3,\)"),
+        ({"box": [[0, 0, 1, 1], [0, 0, 2, 2]]}, {}, "box must be 4 numbers"),
+        ({"points": [[1, 2, 3]]}, {}, r"points must be a list of \[x, y\]"),
+        ({"points": [[1, 2]]}, {"where": "p"}, r"p\.labels missing: give one label per point"),
+        ({"points": [[1, 2]], "labels": [1, 0]}, {}, "1 points but 2 labels"),
+        ({"points": [[1, 2]], "labels": [2]}, {}, r"labels \[2\]: each must be 1 \(fg\) or 0"),
+        ({"points": [[1, 2]], "labels": [-1]}, {}, "must be 1"),
+        (
+            {"points": [[11, 2]], "labels": [1]},
+            {},
+            r"points \[\[11\.0, 2\.0\]\] lies outside the 10x8",
+        ),
+        ({"points": [[1, -1]], "labels": [1]}, {}, "points .* lies outside"),
+        (
+            {"box": [0, 0, 10, 9]},
+            {"where": "s"},
+            r"s\.box \[\[10\.0, 9\.0\]\] lies outside the 10x8",
+        ),
+        ({"mask": np.ones((8, 11), bool)}, {}, r"mask is \(8, 11\), the image is \(8, 10\)"),
+        ({"mask": np.ones((8, 10)), "box": [0, 0, 1, 1]}, {}, "give it without points/box"),
+        (
+            {"points": [[1, 2]]},
+            {"names": {"points": "point_coords", "labels": "point_labels"}},
+            "point_labels missing",
+        ),
+        (
+            {"points": [[1, 2], [3, 4]], "labels": [1]},
+            {"names": {"points": "point_coords", "labels": "point_labels"}},
+            "2 point_coords but 1 point_labels",
+        ),
+    ],
+)
+def test_check_prompt_errors_name_the_field_and_the_fix(prompt, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        check_prompt(prompt, (8, 10), **kwargs)
+
+
+def test_check_prompt_without_a_size_checks_shapes_only():
+    p = check_prompt({"box": [0, 0, 5000, 5000]})
+    assert p.box.tolist() == [0, 0, 5000, 5000]
+    with pytest.raises(ValueError, match="scale_prompt"):
+        scale_prompt(Prompt(mask=np.ones((2, 2), bool)), (2, 2), 4)

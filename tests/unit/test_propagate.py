@@ -1,15 +1,18 @@
 """Volume propagation (`samed2_kit.volume`): SAM 2's video path over the slices of a volume."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from samed2_kit.model import build_model
 from samed2_kit.model.predictor import Predictor
-from samed2_kit.volume import SlicePrompt, model_clip_len, propagate_volume, volume_intensity
+from samed2_kit.prompts import Prompt
+from samed2_kit.volume import model_clip_len, propagate_volume, volume_intensity
 
 Z, H, W = 8, 40, 50
-BOX = SlicePrompt(box=np.array([5.0, 5, 30, 30]), points=np.array([[12.0, 14]]), labels=[1])
+BOX = Prompt(box=np.array([5.0, 5, 30, 30]), points=np.array([[12.0, 14]]), labels=[1])
 
 
 def _model(present=True):
@@ -105,9 +108,9 @@ def test_temporal_adapters_encode_clips_of_t(vol, monkeypatch):
     with torch.no_grad():  # non-zero up-projections: the slices of a clip do mix
         for a in handle.adapters.values():
             a.up.weight.normal_(0, 0.1)
-    with pytest.warns(UserWarning, match="clip_len=T"):
-        assert model_clip_len(m) == 1
-    m.adapter_config = {"clip_len": 3}
+    assert model_clip_len(m) == 1  # built for 2D: T = 1 unless the spec says otherwise
+    m.spec = dataclasses.replace(m.spec, clip_len=3)
+    assert model_clip_len(m) == 3
     encodes = _spy(m, monkeypatch, "encode")
     out = propagate_volume(m, vol, {3: BOX}, batch=2)
     assert out.shape == (Z, H, W)
@@ -130,9 +133,9 @@ def test_confidence_memory_is_read_never_written(vol, monkeypatch):
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = m(x, Prompts(boxes=torch.tensor([[5.0, 5, 40, 40], [10, 10, 50, 50]])))
-        entries = mem.candidates(m.sam, out, {"case_id": ["a", "a"], "task": ["t", "t"]}, 1)
+        entries = mem.entries_from(m.sam, out, {"case_id": ["a", "a"], "task": ["t", "t"]}, 1)
     mem.writing = True
-    assert mem.commit(entries) == {"inserted": 2}
+    assert mem.commit([entries]) == {"inserted": 2}
     mem.writing = False
     before = mem.bank.digest()
     m.train()
@@ -182,7 +185,7 @@ def test_a_medbank_volume_is_accepted(model, vol, base):
         ({"prompts": {8: BOX}}, r"slice index 8 is not in 0\.\.7"),
         ({"prompts": {-1: BOX}}, r"slice index -1 is not in"),
         ({"prompts": {}}, "prompts is empty"),
-        ({"prompts": {3: SlicePrompt()}}, r"prompts\[3\] is empty"),
+        ({"prompts": {3: Prompt()}}, r"prompts\[3\] is empty"),
         ({"prompts": {3: {"points": np.zeros((0, 2))}}}, r"prompts\[3\] is empty"),
         ({"prompts": {3: {"box": [0, 0, 51, 10]}}}, r"prompts\[3\]\.box .* outside the 50x40"),
         ({"prompts": {3: {"points": [[5, 41]], "labels": [1]}}}, r"prompts\[3\]\.points"),

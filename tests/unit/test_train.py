@@ -90,7 +90,8 @@ def test_too_few_samples_is_a_clear_error(hc18_store):
 
 
 def test_param_groups_follow_the_policy_and_lr_multipliers():
-    from samed2_kit.engine.train import inject_adapters, param_groups
+    from samed2_kit.engine.train import param_groups
+    from samed2_kit.model.assemble import add_adapters
 
     r = _recipe(
         "adapters.temporal={rank: 4}",
@@ -98,7 +99,7 @@ def test_param_groups_follow_the_policy_and_lr_multipliers():
         "train.lr_mult={temporal_adapter: 10}",
     )
     m = build_model("test-tiny", image_size=128)
-    inject_adapters(m, r)
+    add_adapters(m, r.adapters)
     groups, n = param_groups(m, r.train)
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs["temporal_adapter"] == pytest.approx(10 * r.train.lr)
@@ -111,12 +112,12 @@ def test_param_groups_follow_the_policy_and_lr_multipliers():
 
 def test_training_gives_the_temporal_adapters_whole_clips(hc18_store):
     from samed2_kit.adapters.temporal import TemporalAdapter, TemporalAdapterConfig
-    from samed2_kit.engine.train import inject_adapters
+    from samed2_kit.model.assemble import add_adapters
 
     recipe = _recipe("train.steps=2", "data.clip_len=3")
-    recipe.adapters.temporal = TemporalAdapterConfig()
+    recipe.adapters["temporal"] = TemporalAdapterConfig()
     m = build_model("test-tiny", image_size=128)
-    inject_adapters(m, recipe)
+    add_adapters(m, recipe.adapters)
     seen = []
     for module in m.modules():
         if isinstance(module, TemporalAdapter):

@@ -5,6 +5,7 @@ from torch import nn
 from samed2_kit.engine.train import apply_train_mode
 from samed2_kit.model import PromptContribution, Prompts
 from samed2_kit.model._sam2 import ImageFeatures
+from tests._reference import direct_sam2
 
 S = 256
 
@@ -21,34 +22,12 @@ def _batch(b=2, seed=0):
     return images, boxes, points, labels, masks
 
 
-def _direct_sam2(sam, images, boxes, multimask):
-    """The same prediction by calling sam2's modules directly, as sam2's image predictor does."""
-    out = sam.forward_image(images)
-    _, feats, _, sizes = sam._prepare_backbone_features(out)
-    feats[-1] = feats[-1] + sam.no_mem_embed
-    b = images.shape[0]
-    maps = [f.permute(1, 2, 0).reshape(b, -1, *hw) for f, hw in zip(feats, sizes, strict=True)]
-    coords = boxes.reshape(-1, 2, 2)
-    labels = torch.tensor([[2, 3]]).expand(b, 2)
-    sparse, dense = sam.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
-    masks, iou, _, obj = sam.sam_mask_decoder(
-        image_embeddings=maps[-1],
-        image_pe=sam.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-        repeat_image=False,
-        high_res_features=maps[:-1],
-    )
-    return masks, iou, obj
-
-
 @pytest.mark.parametrize("multimask", [False, True])
 def test_forward_equals_direct_sam2_calls(tiny_model, multimask):
     images, boxes, *_ = _batch()
     with torch.no_grad():
         out = tiny_model(images, Prompts(boxes=boxes), multimask_output=multimask)
-        masks, iou, obj = _direct_sam2(tiny_model.sam, images, boxes, multimask)
+        masks, iou, obj = direct_sam2(tiny_model.sam, images, boxes, multimask)
     assert torch.equal(out.low_res_logits, masks)
     assert torch.equal(out.iou, iou)
     assert torch.equal(out.object_score_logits, obj)
