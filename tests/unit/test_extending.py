@@ -166,3 +166,27 @@ def test_an_unregistered_kind_is_a_clear_error(kinds):
     registry.unregister("mean_mask")
     with pytest.raises(ValueError, match="unknown key 'sources.mean_mask'"):
         load_recipe(None, ["sources.mean_mask={}"])
+
+
+def test_a_registered_reader_serves_read_volume(tmp_path):
+    """A new volume format: one `register_reader` call (here: a raw uint8 slice stack)."""
+    import numpy as np
+
+    from samed2_kit.medbank import io
+    from samed2_kit.medbank.io.volume import Volume
+
+    def read_stack(path, labels):
+        z, y, x = (int(v) for v in path.stem.split("_")[-1].split("x"))
+        data = np.fromfile(path, np.uint8).reshape(z, y, x)
+        return Volume(data.astype(np.int64) if labels else data, (1.0, 1.0, 1.0), meta={})
+
+    io.register_reader(io.Reader("stack", read_stack, (".stack",)))
+    try:
+        path = tmp_path / "scan_2x3x4.stack"
+        np.arange(24, dtype=np.uint8).tofile(path)
+        vol = io.read_volume(path)
+        assert vol.array.shape == (2, 3, 4) and int(vol.array[1, 2, 3]) == 23
+        with pytest.raises(ValueError, match="already registered"):
+            io.register_reader(io.Reader("stack", read_stack))
+    finally:
+        del io.READERS["stack"]

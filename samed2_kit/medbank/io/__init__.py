@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 SUPPORTED_VOLUMES = (
@@ -17,16 +19,9 @@ def _format_of(path: Path) -> str | None:
     if path.is_dir():
         return "dicom"
     name = path.name.lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return "nifti"
-    if name.endswith((".nrrd", ".nhdr")):
-        return "nrrd"
-    if name.endswith(".npz"):
-        return "npz"
-    if name.endswith(".dcm"):
-        return "dicom"
-    if name.endswith(_IMAGE_EXTS):
-        return "image"
+    for reader in READERS.values():
+        if reader.suffixes and name.endswith(reader.suffixes):
+            return reader.name
     with open(path, "rb") as fh:
         head = fh.read(352)
     if head[128:132] == b"DICM":
@@ -96,35 +91,69 @@ def read_volume(path, labels: bool = False):
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist (check the path)")
     fmt = _format_of(path)
-    if fmt == "nifti":
-        from samed2_kit.medbank.io.nifti import read_nifti
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported file type. Supported formats: {SUPPORTED_VOLUMES}")
+    return READERS[fmt].read(path, labels)
 
-        return read_nifti(path, labels=labels)
-    if fmt == "nrrd":
-        from samed2_kit.medbank.io.nrrd import read_nrrd
 
-        return read_nrrd(path, labels=labels)
-    if fmt == "npz":
-        from samed2_kit.medbank.io.npz import read_npz
+def _read_nifti(path: Path, labels: bool):
+    from samed2_kit.medbank.io.nifti import read_nifti
 
-        image, gts = read_npz(path)
-        if not labels:
-            return image
-        if gts is None:
-            raise ValueError(
-                f"{path} has no 'gts' array, so no label map (keys {image.meta['keys']})"
-            )
-        return gts
-    if fmt == "dicom":
-        from samed2_kit.medbank.io.dicom import read_dicom_series
+    return read_nifti(path, labels=labels)
 
-        vol = read_dicom_series(path)
-        if labels:
-            from samed2_kit.medbank.io.labels import to_label_array
 
-            vol.array = to_label_array(vol.array, path)
-            vol.meta["is_label_map"] = True
-        return vol
-    if fmt == "image":
-        return _image_volume(path, labels)
-    raise ValueError(f"{path}: unsupported file type. Supported formats: {SUPPORTED_VOLUMES}")
+def _read_nrrd(path: Path, labels: bool):
+    from samed2_kit.medbank.io.nrrd import read_nrrd
+
+    return read_nrrd(path, labels=labels)
+
+
+def _read_npz(path: Path, labels: bool):
+    from samed2_kit.medbank.io.npz import read_npz
+
+    image, gts = read_npz(path)
+    if not labels:
+        return image
+    if gts is None:
+        raise ValueError(f"{path} has no 'gts' array, so no label map (keys {image.meta['keys']})")
+    return gts
+
+
+def _read_dicom(path: Path, labels: bool):
+    from samed2_kit.medbank.io.dicom import read_dicom_series
+
+    vol = read_dicom_series(path)
+    if labels:
+        from samed2_kit.medbank.io.labels import to_label_array
+
+        vol.array = to_label_array(vol.array, path)
+        vol.meta["is_label_map"] = True
+    return vol
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A volume format: `read(path, labels) -> Volume`, and the file-name endings it claims
+    (checked before the built-in content sniffing)."""
+
+    name: str
+    read: Callable[[Path, bool], object]
+    suffixes: tuple[str, ...] = ()
+
+
+# format name -> reader; `register_reader` adds one (docs/extending.md)
+READERS: dict[str, Reader] = {
+    "nifti": Reader("nifti", _read_nifti, (".nii", ".nii.gz")),
+    "nrrd": Reader("nrrd", _read_nrrd, (".nrrd", ".nhdr")),
+    "npz": Reader("npz", _read_npz, (".npz",)),
+    "dicom": Reader("dicom", _read_dicom, (".dcm",)),
+    "image": Reader("image", _image_volume, _IMAGE_EXTS),
+}
+
+
+def register_reader(reader: Reader, replace: bool = False) -> Reader:
+    """Add a volume format to `read_volume` (and so to medbank sources and `samed2 predict`)."""
+    if reader.name in READERS and not replace:
+        raise ValueError(f"reader {reader.name!r} is already registered: pass replace=True")
+    READERS[reader.name] = reader
+    return reader
