@@ -86,4 +86,4 @@ def test_one_adapter_set_per_stage_leaves_the_first_stage_untouched(tmp_path):
     # stage 2 trains only its own set, so the ultrasound Dice (with set "us") cannot move
     assert result["forgetting"]["us"]["forgetting"] == 0.0
     meta = json.loads((tmp_path / "run" / "adapters-default.json").read_text())
-    assert sorted(meta["lora"]) == ["ct", "us"]
+    assert sorted(meta["adapters"]["lora"]["sets"]) == ["ct", "us"]
