@@ -36,9 +36,9 @@ from torch import nn
 from samed2_kit.losses import SegLoss
 from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
 from samed2_kit.model import Prompts, build_model
+from samed2_kit.model.assemble import add_sources
 from samed2_kit.model.predictor import Predictor
 from samed2_kit.sources.hard import HardPrototypesConfig
-from samed2_kit.model.assemble import add_sources
 from samed2_kit.sources.similarity import SimilarityPriorConfig
 
 CLASSES = ["organ"]

@@ -36,8 +36,8 @@ PRIOR = ["sources.similarity_prior={slots: 32, dim: 64, warmup_updates: 50}", GA
 
 def train_arm(args, base: list[str], name: str, tasks: list[str], extra: list[str]):
     from samed2_kit.config import load_recipe
-    from samed2_kit.model.assemble import load as load_model
     from samed2_kit.engine.run import run_recipe
+    from samed2_kit.model.assemble import load as load_model
 
     recipe = load_recipe(None, [*base, f"data.tasks=[{', '.join(tasks)}]", *extra])
     run_recipe(recipe, args.out / name, progress=False, overwrite=True)

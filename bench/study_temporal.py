@@ -70,8 +70,8 @@ def evaluate_clips(model, store: str, t: int) -> dict[str, list[float]]:
 def run_arm(store: str, adapters: bool, steps: int, t: int) -> dict[str, list[float]]:
     from samed2_kit.config import load_recipe
     from samed2_kit.engine.train import train
-    from samed2_kit.model.assemble import add_adapters
     from samed2_kit.model import build_model
+    from samed2_kit.model.assemble import add_adapters
 
     overrides = [f"train.steps={steps}", "train.batch_size=2", f"data.clip_len={t}",
                  "train.lr=0.0005", "train.mixed_precision=no", "train.warmup_steps=20",

@@ -91,7 +91,10 @@ def render() -> str:
         "",
         *_table(Recipe, ""),
     ]
-    for section, kinds in (("adapters", registry.adapter_kinds()), ("sources", registry.source_kinds())):
+    for section, kinds in (
+        ("adapters", registry.adapter_kinds()),
+        ("sources", registry.source_kinds()),
+    ):
         lines += [f"## `{section}` kinds", ""]
         for kind in kinds:
             lines += [f"### `{section}.{kind.name}`", "", _doc(kind.config), ""]

@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from samed2_kit.utils.atomic import sha256_file
+
 FORMAT_VERSION = 1
 STATE = "state.json"
 CKPT_DIR = "checkpoints"
@@ -40,14 +42,6 @@ class Position:
 
     step: int = 0
     consumed: int = 0
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def frozen_sha256(model: torch.nn.Module) -> str:

@@ -19,7 +19,6 @@ saved recipe) still load. Every file is written atomically; the manifest last.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import torch
 
 from samed2_kit import registry
 from samed2_kit.model.spec import ModelSpec
+from samed2_kit.utils.atomic import sha256_file
 from samed2_kit.utils.dataconf import from_dict, to_dict
 
 MANIFEST = "model.json"
@@ -109,14 +109,6 @@ def manifest(model, extra: dict | None = None) -> dict:
     }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save(model, folder: str | Path, extra: dict | None = None) -> Path:
     """Write `model` into `folder` (see the module docstring); returns the folder."""
     from safetensors.torch import save_file
@@ -134,7 +126,7 @@ def save(model, folder: str | Path, extra: dict | None = None) -> Path:
     if has_adapters(model):
         save_adapters(model, folder)
     save_state(model, folder)
-    meta["files"] = {WEIGHTS: _sha256(folder / WEIGHTS)}
+    meta["files"] = {WEIGHTS: sha256_file(folder / WEIGHTS)}
     write_text(folder / MANIFEST, json.dumps(meta, indent=2, default=str))
     return folder
 
@@ -209,7 +201,11 @@ def load(folder_or_file: str | Path, device: str | torch.device | None = None):
     folder = path if path.is_dir() else path.parent
     meta = read_manifest(folder)
     digest = (meta.get("files") or {}).get(WEIGHTS)
-    if digest is not None and (folder / WEIGHTS).is_file() and _sha256(folder / WEIGHTS) != digest:
+    if (
+        digest is not None
+        and (folder / WEIGHTS).is_file()
+        and sha256_file(folder / WEIGHTS) != digest
+    ):
         raise ValueError(f"{folder / WEIGHTS} does not match {folder / MANIFEST} (sha256 "
                          "differs): the file is damaged or was replaced; save the model again")  # fmt: skip
     spec = ModelSpec.from_dict(meta["spec"], str(folder / MANIFEST))

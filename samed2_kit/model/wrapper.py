@@ -10,14 +10,18 @@ Data flow of `forward(images, prompts)` (B images, one object prompt each):
         + sum_i gate_i * contribution_i      (prompt sources; gates start at 0)
     --mask decoder--> low-res logits (B, M, S/4, S/4), IoU (B, M), object score (B, 1)
 
-Three seams, each tested:
-- encoder: adapters attach to the Hiera blocks (`encoder_blocks`) and read `clip` (T, the number of
-  adjacent slices per clip in a batch of B = clips * T images) while the encoder runs;
-- prompt sources: `add_prompt_source(name, module)`; each is called as
+Three seams, each tested; their kinds are registered in `samed2_kit.registry` (docs/extending.md):
+- encoder adapters: `add_adapter(kind, cfg)` injects a registered adapter kind into the Hiera
+  blocks (`encoder_blocks`); adapters read `clip` (T, the number of adjacent slices per clip in a
+  batch of B = clips * T images) while the encoder runs;
+- prompt sources: `add_prompt_source(name, module, kind)`; each is called as
   `source(feats, prompts, SourceContext)` and returns a `PromptContribution`; few-shot sources read
   support examples (`forward(..., support_images=, support_masks=)` or `decode(..., support=)`);
 - memory: `memory` module with `condition(sam, features, meta) -> features`, applied before the
   decoder (`samed2_kit.memory`: retrieval + SAM 2 memory attention).
+Parts that learn without gradients (`learners()`: the memory, stateful sources) share one
+training interface (`samed2_kit.types.Learner`). `samed2_kit.model.assemble` builds, saves and
+loads a whole model.
 """
 
 from __future__ import annotations

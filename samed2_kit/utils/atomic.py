@@ -57,3 +57,14 @@ def write_text(dest: str | Path, text: str) -> Path:
     with atomic_path(dest) as tmp:
         tmp.write_text(text)
     return Path(dest)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow  # `samed2 eval` in subprocesses, under `accelerat
 @pytest.fixture
 def run_folder(tmp_path):
     from samed2_kit.config import load_recipe, to_dict
-    from samed2_kit.model.assemble import save as save_model
     from samed2_kit.model import build_model
+    from samed2_kit.model.assemble import save as save_model
 
     torch.manual_seed(0)
     model = build_model("test-tiny", image_size=256)

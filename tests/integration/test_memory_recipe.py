@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from samed2_kit.model.assemble import load as load_model
 from samed2_kit.memory import ConfidenceMemory
+from samed2_kit.model.assemble import load as load_model
 
 REPO = Path(__file__).resolve().parents[2]
 

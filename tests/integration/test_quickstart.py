@@ -37,7 +37,7 @@ def test_quickstart_tiny_budget_writes_a_complete_run_folder(tmp_path):
     report = (out / "report.md").read_text()
     assert "box Dice" in report and "training_curve.png" in report
     saved = json.loads((out / "model.json").read_text())
-    assert saved["variant"] == "test-tiny" and saved["image_size"] == 256
+    assert saved["spec"] == {"variant": "test-tiny", "image_size": 256, "clip_len": 1}
 
     # the run folder evaluates again through `samed2 eval`, with the same numbers
     r = _run(["eval", str(out)])

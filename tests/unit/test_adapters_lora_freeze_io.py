@@ -197,7 +197,9 @@ def test_save_load_round_trip(tmp_path, images):
     saved = load_file(str(tmp_path / "adapters-ct.safetensors"))  # only adapter tensors:
     assert set(saved) == {n for n, _ in model.named_parameters() if ".lora_" in n}
     meta = json.loads((tmp_path / "adapters-ct.json").read_text())
-    assert meta["adapters"]["lora"]["sets"]["ct"]["spec"]["rank"] == 4 and meta["extra"] == {"step": 3}
+    assert meta["adapters"]["lora"]["sets"]["ct"]["spec"]["rank"] == 4 and meta["extra"] == {
+        "step": 3
+    }
     assert (meta["variant"], meta["image_size"]) == ("test-tiny", 256)
     other = fresh()  # same seed: same base weights, no LoRA yet
     loaded = io.load_adapters(other, tmp_path, name="ct")

@@ -100,6 +100,7 @@ def kinds():
     registry.unregister("mean_mask")
 
 
+@pytest.mark.slow  # two recipe runs end to end; the kinds' errors are checked below
 def test_registered_kinds_train_save_and_reload_through_a_recipe(kinds, hc18_store, tmp_path):
     from samed2_kit.adapters.freeze import trainable_table
     from samed2_kit.config import load_recipe

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from samed2_kit.config import load_recipe
+from samed2_kit.model import build_model
+from samed2_kit.model.assemble import add_sources
 from samed2_kit.model.assemble import load as load_model
 from samed2_kit.model.assemble import save as save_model
-from samed2_kit.model import build_model
 from samed2_kit.model.predictor import Predictor
-from samed2_kit.model.assemble import add_sources
 from samed2_kit.sources import HardPrototypesConfig, SimilarityPriorConfig
 
 H, W = 150, 200
@@ -224,8 +224,8 @@ def test_episodes_pair_queries_with_other_cases(hc18_store):
 
 
 def test_training_updates_the_prior_and_trains_the_prototype_heads(hc18_store):
-    from samed2_kit.model.assemble import from_recipe
     from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import from_recipe
 
     recipe = load_recipe(None, [
         "model.image_size=64", "train.batch_size=2", "train.steps=3", "train.warmup_steps=1",

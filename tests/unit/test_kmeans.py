@@ -82,7 +82,7 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
         (0, 6, 4, 2),
         (30, 6, 0, 2),
         (300, 64, 8, 10),
-        (1024, 256, 4, 10),
+        pytest.param(1024, 256, 4, 10, marks=pytest.mark.slow),  # a few seconds
         (50, 16, 49, 5),
     ],
 )
@@ -105,7 +105,13 @@ def test_hard_kmeans_matches_the_previous_implementation(m, d, k, iters):
 
 @pytest.mark.parametrize(
     ("g", "r", "d", "m"),
-    [(1, 12, 4, 3), (3, 40, 8, 4), (4, 256, 64, 32), (2, 9, 3, 8), (5, 64, 16, 2)],
+    [
+        (1, 12, 4, 3),
+        (3, 40, 8, 4),
+        pytest.param(4, 256, 64, 32, marks=pytest.mark.slow),
+        (2, 9, 3, 8),
+        (5, 64, 16, 2),
+    ],
 )
 def test_similarity_kmeans_matches_the_previous_implementation(g, r, d, m):
     for seed in range(4):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from samed2_kit.cli import main
-from samed2_kit.model.assemble import save as save_model
 from samed2_kit.medbank.io import read_volume
+from samed2_kit.model.assemble import save as save_model
 from samed2_kit.predict import read_prompts
 
 REPO = Path(__file__).resolve().parents[2]
