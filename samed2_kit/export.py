@@ -161,6 +161,78 @@ def _source_datasets(
     return [dsets[j] for j in order], np.arange(len(dsets)), name
 
 
+def _segment_pixels(
+    arr: np.ndarray, labels: dict[int, str], perm: np.ndarray, path: Path
+) -> tuple[list[int], np.ndarray]:
+    """(label values with a segment, ascending; (Z, Y, X) segment numbers 1..K in the source's
+    frame order, uint8 or uint16); an all-zero mask without `labels` raises ValueError."""
+    values = sorted({int(v) for v in np.unique(arr) if v > 0} | set(labels))
+    if not values:
+        raise ValueError(
+            f"{path}: the mask is all zero and no labels were given: a DICOM-SEG needs at least "
+            "one segment; pass labels={1: 'name'} to write an empty named segment, or skip it"
+        )
+    lut = np.zeros(max(values) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
+    lut[values] = np.arange(1, len(values) + 1)
+    return values, lut[arr][perm]  # label values -> segment numbers 1..K, in frame order
+
+
+def _segment_descriptions(
+    values: list[int], labels: dict[int, str], algorithm: str, version: str, category, prop
+) -> list:
+    """One highdicom SegmentDescription per label value (segment numbers 1..K, AUTOMATIC)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    alg = hd.AlgorithmIdentificationSequence(
+        name=algorithm, family=codes.cid7162.ArtificialIntelligence, version=version
+    )
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=n,
+            segment_label=labels.get(v, f"segment {v}"),
+            segmented_property_category=category or codes.SCT.Tissue,
+            segmented_property_type=prop or codes.SCT.Tissue,
+            algorithm_type="AUTOMATIC",
+            algorithm_identification=alg,
+        )
+        for n, v in enumerate(values, start=1)
+    ]
+
+
+def _segmentation(
+    dsets: list,
+    pixels: np.ndarray,
+    descriptions: list,
+    name: str,
+    algorithm: str,
+    version: str,
+    series_description: str | None,
+):
+    """The highdicom BINARY Segmentation of (Z, Y, X) segment numbers `pixels` on `dsets`."""
+    import highdicom as hd
+
+    try:
+        return hd.seg.Segmentation(
+            source_images=dsets,
+            pixel_array=pixels,
+            segmentation_type="BINARY",
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=300,
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="samed2-kit",
+            manufacturer_model_name=algorithm,
+            software_versions=version,
+            device_serial_number="1",
+            omit_empty_frames=bool(pixels.any()),  # all empty: keep frames rather than none
+            series_description=series_description or f"{algorithm} segmentation",
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{name}: cannot build a DICOM-SEG from this series ({e})") from e
+
+
 def write_dicom_seg(
     mask,
     source,
@@ -200,8 +272,7 @@ def write_dicom_seg(
     Raises:
         ValueError: mask shape ≠ the series' (Z, Y, X), bad mask values, no DICOM source.
     """
-    import highdicom as hd
-    from pydicom.sr.codedict import codes
+    import highdicom  # noqa: F401  (optional dependency: fail before reading the series)
 
     import samed2_kit
 
@@ -210,49 +281,12 @@ def write_dicom_seg(
     arr = np.asarray(mask)
     dsets, perm, name = _source_datasets(source, arr.shape, series_uid)
     arr = _label_map(arr, arr.shape, str(path))
-    values = sorted({int(v) for v in np.unique(arr) if v > 0} | set(labels))
-    if not values:
-        raise ValueError(
-            f"{path}: the mask is all zero and no labels were given: a DICOM-SEG needs at least "
-            "one segment; pass labels={1: 'name'} to write an empty named segment, or skip it"
-        )
-    lut = np.zeros(max(values) + 1, dtype=np.uint8 if len(values) < 256 else np.uint16)
-    lut[values] = np.arange(1, len(values) + 1)
-    pixels = lut[arr][perm]  # label values -> segment numbers 1..K, in the source's frame order
+    values, pixels = _segment_pixels(arr, labels, perm, path)
     version = version or samed2_kit.__version__
-    alg = hd.AlgorithmIdentificationSequence(
-        name=algorithm, family=codes.cid7162.ArtificialIntelligence, version=version
+    descriptions = _segment_descriptions(
+        values, labels, algorithm, version, category, property_type
     )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=n,
-            segment_label=labels.get(v, f"segment {v}"),
-            segmented_property_category=category or codes.SCT.Tissue,
-            segmented_property_type=property_type or codes.SCT.Tissue,
-            algorithm_type="AUTOMATIC",
-            algorithm_identification=alg,
-        )
-        for n, v in enumerate(values, start=1)
-    ]
-    try:
-        seg = hd.seg.Segmentation(
-            source_images=dsets,
-            pixel_array=pixels,
-            segmentation_type="BINARY",
-            segment_descriptions=descriptions,
-            series_instance_uid=hd.UID(),
-            series_number=300,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="samed2-kit",
-            manufacturer_model_name=algorithm,
-            software_versions=version,
-            device_serial_number="1",
-            omit_empty_frames=bool(pixels.any()),  # all empty: keep frames rather than none
-            series_description=series_description or f"{algorithm} segmentation",
-        )
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{name}: cannot build a DICOM-SEG from this series ({e})") from e
+    seg = _segmentation(dsets, pixels, descriptions, name, algorithm, version, series_description)
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path

@@ -63,6 +63,78 @@ class Prompt:
 PROMPT_FIELDS = ("box", "points", "labels", "mask")
 
 
+def _as_prompt(prompt, fields: tuple[str, ...], at: str) -> Prompt:
+    """`prompt` as a Prompt: a dict's keys must be in `fields`; other types raise ValueError."""
+    if isinstance(prompt, dict):
+        unknown = sorted(set(prompt) - set(fields))
+        if unknown:
+            raise ValueError(f"{at}unknown keys {unknown}; use {', '.join(fields)}")
+        return Prompt(**prompt)
+    if not isinstance(prompt, Prompt):
+        raise ValueError(
+            f"{at}got a {type(prompt).__name__}: give a Prompt or a dict of {', '.join(fields)}"
+        )
+    return prompt
+
+
+def _check_box(raw, many_boxes: bool, name: str) -> np.ndarray:
+    """`raw` as a (4,) float32 xyxy box, or (K, 4) with `many_boxes`; `name` names it in errors."""
+    try:
+        box = np.asarray(raw, np.float32)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be numbers [x0, y0, x1, y1] ({e})") from e
+    if box.size == 0 or box.size % 4 or box.ndim > 2 or (box.size > 4 and not many_boxes):
+        shape = "(4,) or (K, 4)" if many_boxes else "4"
+        raise ValueError(f"{name} must be {shape} numbers [x0, y0, x1, y1], got shape {box.shape}")
+    return box.reshape(-1, 4) if many_boxes else box.reshape(4)
+
+
+def _check_points(raw, name: str) -> np.ndarray | None:
+    """`raw` as (N, 2) float32 x, y points, None when N = 0; `name` names it in errors."""
+    try:
+        pts = np.asarray(raw, np.float32).reshape(-1, 2)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a list of [x, y] ({e})") from e
+    return pts if len(pts) else None
+
+
+def _mask_array(raw, hw: tuple[int, int] | None, name: str) -> np.ndarray:
+    """`raw` as an (H, W) array (the image's (H, W) when `hw` is given); `name` names it in errors."""
+    mask = np.asarray(raw)
+    if mask.ndim != 2 or (hw is not None and mask.shape != tuple(hw)):
+        size = f"the image is {tuple(hw)}" if hw is not None else "expected (H, W)"
+        raise ValueError(f"{name} is {mask.shape}, {size}: give an (H, W) mask")
+    return mask
+
+
+def _check_labels(raw, n_points: int, at: str, names: dict[str, str], name: str) -> np.ndarray:
+    """`raw` as (N,) int64 labels, one per point, each 1 (fg) or 0 (bg)."""
+    if raw is None:
+        raise ValueError(f"{name} missing: give one label per point (1 fg, 0 bg)")
+    labels = np.asarray(raw).reshape(-1)
+    if len(labels) != n_points:
+        raise ValueError(
+            f"{at}{n_points} {names.get('points', 'points')} but {len(labels)} "
+            f"{names.get('labels', 'labels')}: give one label per point (1 fg, 0 bg)"
+        )
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{name} {labels.tolist()}: each must be 1 (fg) or 0 (bg)")
+    return labels.astype(np.int64)
+
+
+def _check_inside(pts: np.ndarray | None, box: np.ndarray | None, hw: tuple[int, int], field):
+    """Every (x, y) point and box corner lies in [0, W] x [0, H]; `field(name)` names it."""
+    h, w = hw
+    for name, xy in (("points", pts), ("box", None if box is None else box.reshape(-1, 2))):
+        bad = None if xy is None else (xy < 0) | (xy > [w, h])
+        if bad is not None and bad.any():
+            raise ValueError(
+                f"{field(name)} {xy[bad.any(1)].tolist()} lies outside the {w}x{h} (WxH) "
+                "image: coordinates are (x, y) in pixels of the image the prompt is on, "
+                "x in [0, W], y in [0, H]"
+            )
+
+
 def check_prompt(
     prompt: Prompt | dict,
     hw: tuple[int, int] | None = None,
@@ -90,66 +162,24 @@ def check_prompt(
         return f"{where}.{names.get(name, name)}" if where else names.get(name, name)
 
     at = f"{where}: " if where else ""
-    if isinstance(prompt, dict):
-        unknown = sorted(set(prompt) - set(fields))
-        if unknown:
-            raise ValueError(f"{at}unknown keys {unknown}; use {', '.join(fields)}")
-        prompt = Prompt(**prompt)
-    elif not isinstance(prompt, Prompt):
-        raise ValueError(
-            f"{at}got a {type(prompt).__name__}: give a Prompt or a dict of {', '.join(fields)}"
-        )
-    box = pts = labels = mask = None
+    prompt = _as_prompt(prompt, fields, at)
+    box = pts = labels = None
     if prompt.box is not None:
-        try:
-            box = np.asarray(prompt.box, np.float32)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{field('box')} must be numbers [x0, y0, x1, y1] ({e})") from e
-        if box.size == 0 or box.size % 4 or box.ndim > 2 or (box.size > 4 and not many_boxes):
-            shape = "(4,) or (K, 4)" if many_boxes else "4"
-            raise ValueError(
-                f"{field('box')} must be {shape} numbers [x0, y0, x1, y1], got shape {box.shape}"
-            )
-        box = box.reshape(-1, 4) if many_boxes else box.reshape(4)
+        box = _check_box(prompt.box, many_boxes, field("box"))
     if prompt.points is not None:
-        try:
-            pts = np.asarray(prompt.points, np.float32).reshape(-1, 2)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{field('points')} must be a list of [x, y] ({e})") from e
-        pts = pts if len(pts) else None
+        pts = _check_points(prompt.points, field("points"))
     if pts is None and box is None and prompt.mask is None:
         hint = "a box and/or points (+ labels)" + (", or a mask" if "mask" in fields else "")
         raise ValueError(f"{where or 'the prompt'} is empty: give {hint}")
     if prompt.mask is not None:
-        mask = np.asarray(prompt.mask)
-        if mask.ndim != 2 or (hw is not None and mask.shape != tuple(hw)):
-            size = f"the image is {tuple(hw)}" if hw is not None else "expected (H, W)"
-            raise ValueError(f"{field('mask')} is {mask.shape}, {size}: give an (H, W) mask")
+        mask = _mask_array(prompt.mask, hw, field("mask"))
         if pts is not None or box is not None:
             raise ValueError(f"{at}a mask is the image's result; give it without points/box")
         return Prompt(mask=mask if mask.dtype == bool else mask > 0)
     if pts is not None:
-        if prompt.labels is None:
-            raise ValueError(f"{field('labels')} missing: give one label per point (1 fg, 0 bg)")
-        labels = np.asarray(prompt.labels).reshape(-1)
-        if len(labels) != len(pts):
-            raise ValueError(
-                f"{at}{len(pts)} {names.get('points', 'points')} but {len(labels)} "
-                f"{names.get('labels', 'labels')}: give one label per point (1 fg, 0 bg)"
-            )
-        if not np.isin(labels, (0, 1)).all():
-            raise ValueError(f"{field('labels')} {labels.tolist()}: each must be 1 (fg) or 0 (bg)")
-        labels = labels.astype(np.int64)
+        labels = _check_labels(prompt.labels, len(pts), at, names, field("labels"))
     if hw is not None:
-        h, w = hw
-        for name, xy in (("points", pts), ("box", None if box is None else box.reshape(-1, 2))):
-            bad = None if xy is None else (xy < 0) | (xy > [w, h])
-            if bad is not None and bad.any():
-                raise ValueError(
-                    f"{field(name)} {xy[bad.any(1)].tolist()} lies outside the {w}x{h} (WxH) "
-                    "image: coordinates are (x, y) in pixels of the image the prompt is on, "
-                    "x in [0, W], y in [0, H]"
-                )
+        _check_inside(pts, box, hw, field)
     return Prompt(box=box, points=pts, labels=labels)
 
 

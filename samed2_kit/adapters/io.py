@@ -156,8 +156,7 @@ def save_adapters(
         "format": FORMAT,
         "version": VERSION,
         "name": name,
-        "variant": model.spec.variant,
-        "image_size": model.spec.image_size,
+        **model.spec.model_id(),  # variant, image_size
         "base_hash": base_weights_hash(model),
         "adapters": describe_adapters(model),
         "prompt_sources": list(getattr(model, "prompt_sources", {}) or {}),
@@ -185,7 +184,7 @@ def list_adapter_sets(folder: str | Path) -> list[str]:
 
 def _check_base(model: nn.Module, meta: dict, where: Path) -> None:
     want = (meta.get("variant"), meta.get("image_size"))
-    have = (model.spec.variant, model.spec.image_size)
+    have = tuple(model.spec.model_id().values())
     if want != have:
         raise ValueError(
             f"adapters {where} were trained on variant {want[0]!r} at image_size={want[1]}, this "

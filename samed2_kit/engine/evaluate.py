@@ -244,11 +244,6 @@ def _gather(local: list, world: int) -> list:
     return [x for part in parts for x in part]
 
 
-def _module_state(model) -> dict:
-    """Every module's training flag, to restore after evaluation."""
-    return {m: m.training for m in model.modules()}
-
-
 class _Supports:
     """Sets the predictor's supports to those of each item's task, whenever the task changes."""
 
@@ -290,6 +285,7 @@ def evaluate(
     from tqdm.auto import tqdm
 
     from samed2_kit.model.predictor import Predictor
+    from samed2_kit.utils.modes import restored_modes
 
     if cfg.prompt == "support" and not model.support_sources():
         raise ValueError(
@@ -299,22 +295,17 @@ def evaluate(
         )
     items = limit_per_task(items, cfg.max_items)
     rank, world = _rank_world()
-    flags = _module_state(model)
-    predictor = Predictor(model)
-    tasks = _Supports(predictor, supports, cfg.prompt)
     local = []
-    try:
-        with torch.no_grad():
-            mine = range(rank, len(items), world)
-            desc = f"eval ({cfg.prompt})"
-            for i in tqdm(mine, desc=desc, disable=not progress or rank != 0):
-                tasks.use(items[i])
-                out = evaluate_item(predictor, items[i], cfg)
-                if out is not None:
-                    local.append((i, out[0], _pack(out[1])))
-    finally:
-        for module, training in flags.items():
-            module.training = training
+    with restored_modes(model), torch.no_grad():  # the Predictor puts the model in eval mode
+        predictor = Predictor(model)
+        tasks = _Supports(predictor, supports, cfg.prompt)
+        mine = range(rank, len(items), world)
+        desc = f"eval ({cfg.prompt})"
+        for i in tqdm(mine, desc=desc, disable=not progress or rank != 0):
+            tasks.use(items[i])
+            out = evaluate_item(predictor, items[i], cfg)
+            if out is not None:
+                local.append((i, out[0], _pack(out[1])))
     merged = sorted(_gather(local, world), key=lambda r: r[0])
     return [r for _, r, _ in merged], [_unpack(p) for _, _, p in merged]
 

@@ -140,17 +140,88 @@ def _write_case(sliced, ref, src, case_id, split, spec: BuildSpec, images, sampl
     return len(sliced.samples)
 
 
+def _add_source(
+    src,
+    si: int,
+    spec: BuildSpec,
+    images: _Table,
+    samples: _Table,
+    report: BuildReport,
+    progress: bool,
+) -> tuple[dict, Counter, int]:
+    """Read, slice and write one source's cases (failures go to ``report.skipped``); returns its
+    manifest entry, its sample counts per (modality, task, split) and the number of slices read."""
+    from tqdm.auto import tqdm
+
+    from samed2_kit.medbank.cases import load_case, slice_case
+    from samed2_kit.medbank.layouts import enumerate_cases, label_names
+    from samed2_kit.medbank.pairs import split_by_case
+
+    info = {"name": src.name, "layout": src.layout, "root": src.root, "modality": src.modality,
+            "task": src.task, "licence": src.licence, "cases": 0, "samples": 0, "skipped": 0}  # fmt: skip
+    counts: Counter = Counter()
+    try:
+        refs, skipped = enumerate_cases(src)
+        names = label_names(src)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        report.skipped.append((src.root, str(e)))
+        info["skipped"] += 1
+        return info, counts, 0
+    report.skipped += skipped
+    info["skipped"] += len(skipped)
+    split_of = {
+        r.key: k
+        for k, rs in split_by_case(refs, src.split or spec.split, spec.seed).items()
+        for r in rs
+    }
+    n_slices = 0
+    for ci, ref in enumerate(tqdm(refs, desc=f"build {src.name}", disable=not progress)):
+        try:
+            vol, segs = load_case(ref, src, names)
+            sliced = slice_case(vol, segs, src, seed=spec.seed * 1_000_003 + si * 10_007 + ci)
+        except (ValueError, FileNotFoundError, OSError, KeyError) as e:
+            report.skipped.append((ref.image, str(e)))
+            info["skipped"] += 1
+            continue
+        if not sliced.samples:
+            report.skipped.append((ref.image, "no non-empty mask in this case"))
+            info["skipped"] += 1
+            continue
+        split = split_of[ref.key]
+        n = _write_case(sliced, ref, src, f"{src.name}/{ref.case_id}", split, spec, images, samples)
+        n_slices += len(sliced.images)
+        info["cases"] += 1
+        info["samples"] += n
+        counts[(src.modality, src.task, split)] += n
+    return info, counts, n_slices
+
+
+def _manifest(
+    spec: BuildSpec, spec_sha256: str, sources_info: list[dict], counts: Counter,
+    images: _Table, samples: _Table, report: BuildReport,
+) -> dict:  # fmt: skip
+    """The store's manifest: schema, tool, spec, sources, sample counts, totals, hashes, skips."""
+    from samed2_kit import __version__
+
+    return {
+        "schema_version": SCHEMA_VERSION, "tool": f"samed2-kit {__version__}",
+        "name": spec.name, "spec_sha256": spec_sha256, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "split": spec.split, "seed": spec.seed, "clip_radius": spec.clip_radius,
+        "max_size": spec.max_size, "sources": sources_info,
+        "counts": [{"modality": m, "task": t, "split": s, "samples": n} for (m, t, s), n in sorted(counts.items())],
+        "totals": {"images": images.n, "samples": samples.n},
+        "licences": sorted({s.licence for s in spec.sources}),
+        "content_sha256": {IMAGES_DIR: images.sha.hexdigest(), SAMPLES_DIR: samples.sha.hexdigest()},
+        "skipped": [{"path": p, "reason": why} for p, why in report.skipped],
+    }  # fmt: skip
+
+
 def build(
     spec: BuildSpec, out: str | Path, spec_sha256: str = "", progress: bool = True
 ) -> BuildReport:
     """Build the store at `out` (replacing an existing one only on success)."""
     from datasets import disable_progress_bars
-    from tqdm.auto import tqdm
 
-    from samed2_kit import __version__
-    from samed2_kit.medbank.cases import load_case, slice_case
-    from samed2_kit.medbank.layouts import enumerate_cases, label_names
-    from samed2_kit.medbank.pairs import split_by_case
     from samed2_kit.medbank.schema import image_features, sample_features
     from samed2_kit.utils.atomic import atomic_path, write_text
 
@@ -165,45 +236,12 @@ def build(
         samples = _Table(tmp / "_shards_samples", sample_features(), "mask")
         n_slices = 0
         for si, src in enumerate(spec.sources):
-            info = {"name": src.name, "layout": src.layout, "root": src.root, "modality": src.modality,
-                    "task": src.task, "licence": src.licence, "cases": 0, "samples": 0, "skipped": 0}  # fmt: skip
+            info, src_counts, src_slices = _add_source(
+                src, si, spec, images, samples, report, progress
+            )
             sources_info.append(info)
-            try:
-                refs, skipped = enumerate_cases(src)
-                names = label_names(src)
-            except (ValueError, FileNotFoundError, KeyError) as e:
-                report.skipped.append((src.root, str(e)))
-                info["skipped"] += 1
-                continue
-            report.skipped += skipped
-            info["skipped"] += len(skipped)
-            split_of = {
-                r.key: k
-                for k, rs in split_by_case(refs, src.split or spec.split, spec.seed).items()
-                for r in rs
-            }
-            for ci, ref in enumerate(tqdm(refs, desc=f"build {src.name}", disable=not progress)):
-                try:
-                    vol, segs = load_case(ref, src, names)
-                    sliced = slice_case(
-                        vol, segs, src, seed=spec.seed * 1_000_003 + si * 10_007 + ci
-                    )
-                except (ValueError, FileNotFoundError, OSError, KeyError) as e:
-                    report.skipped.append((ref.image, str(e)))
-                    info["skipped"] += 1
-                    continue
-                if not sliced.samples:
-                    report.skipped.append((ref.image, "no non-empty mask in this case"))
-                    info["skipped"] += 1
-                    continue
-                split = split_of[ref.key]
-                n = _write_case(
-                    sliced, ref, src, f"{src.name}/{ref.case_id}", split, spec, images, samples
-                )
-                n_slices += len(sliced.images)
-                info["cases"] += 1
-                info["samples"] += n
-                counts[(src.modality, src.task, split)] += n
+            counts.update(src_counts)
+            n_slices += src_slices
         if samples.n == 0:
             raise ValueError(
                 "nothing usable remains: every case was skipped:\n"
@@ -214,17 +252,7 @@ def build(
         report.images, report.samples = images.n, samples.n
         report.seconds = time.perf_counter() - t0
         report.slices_per_s = n_slices / max(report.seconds, 1e-9)
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "tool": f"samed2-kit {__version__}",
-            "name": spec.name, "spec_sha256": spec_sha256, "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "split": spec.split, "seed": spec.seed, "clip_radius": spec.clip_radius,
-            "max_size": spec.max_size, "sources": sources_info,
-            "counts": [{"modality": m, "task": t, "split": s, "samples": n} for (m, t, s), n in sorted(counts.items())],
-            "totals": {"images": images.n, "samples": samples.n},
-            "licences": sorted({s.licence for s in spec.sources}),
-            "content_sha256": {IMAGES_DIR: images.sha.hexdigest(), SAMPLES_DIR: samples.sha.hexdigest()},
-            "skipped": [{"path": p, "reason": why} for p, why in report.skipped],
-        }  # fmt: skip
+        manifest = _manifest(spec, spec_sha256, sources_info, counts, images, samples, report)
         write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
         import shutil
 

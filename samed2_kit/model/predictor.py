@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from samed2_kit.model._sam2 import ImageFeatures
 from samed2_kit.model.wrapper import Prompts, SAMed2Model
 from samed2_kit.prompts import Prompt, check_prompt
+from samed2_kit.types import ImageFeatures
 
 # predict()'s argument names, for check_prompt's errors
 PREDICT_NAMES = {"points": "point_coords", "labels": "point_labels"}

@@ -49,6 +49,7 @@ from samed2_kit.sources.dsgim import DSGIM
 from samed2_kit.types import ImageFeatures, PromptContribution, SourceContext, TrainUpdate
 from samed2_kit.utils.atomic import atomic_path
 from samed2_kit.utils.meta import per_image
+from samed2_kit.utils.modes import evaluation
 
 SCHEMA_VERSION = 1
 HEADER_KEY = "samed2_similarity_prior"
@@ -246,9 +247,8 @@ class SimilarityPrior(nn.Module):
         (0 = the class's strongest row)}, sorted by class then rank; same inputs, same rows."""
         x = feats.image_embed.detach()
         if self.dsgim is not None:  # eval mode: no second update of BN running statistics
-            mode = self.dsgim.training
-            x = self.dsgim.eval()(x)
-            self.dsgim.train(mode)
+            with evaluation(self.dsgim):
+                x = self.dsgim(x)
         keys = self.key(x.float())
         b, d, h, w = keys.shape
         k = len(self.class_names)

@@ -34,6 +34,7 @@ afterwards, and the confidence bank is only read.
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter, deque
 
 import numpy as np
@@ -41,8 +42,9 @@ import torch
 import torch.nn.functional as F
 
 from samed2_kit.model import _sam2
-from samed2_kit.model._sam2 import ImageFeatures
 from samed2_kit.prompts import Prompt, check_prompt
+from samed2_kit.types import ImageFeatures
+from samed2_kit.utils.modes import evaluation
 
 DIRECTIONS = ("both", "up", "down")
 NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: mask logits of a slice without the object
@@ -122,6 +124,66 @@ class _Features:
                 self.cache.pop(z // self.t, None)
 
 
+def _volume_array(volume, modality: str, window) -> tuple[np.ndarray, str]:
+    """(the (Z, H, W) array, the modality to use: a Volume's meta["modality"] "CT"/"MR" when
+    `modality` is "auto" and no window is given)."""
+    from samed2_kit.medbank.io.volume import Volume
+
+    if isinstance(volume, Volume):
+        mod = str(volume.meta.get("modality", "")).lower()
+        modality = (
+            mod if modality == "auto" and window is None and mod in ("ct", "mr") else modality
+        )
+        volume = volume.array
+    arr = np.asarray(volume)
+    if arr.ndim != 3:
+        raise ValueError(f"volume must be (Z, H, W) (one grey channel), got shape {arr.shape}")
+    return arr, modality
+
+
+def _check_options(direction: str, memory_frames, batch, stop_after_empty, clip_len) -> None:
+    """`direction` is one of DIRECTIONS and the integer options are integers >= their minimum."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction={direction!r}: one of {DIRECTIONS}")
+    ints = {"memory_frames": (memory_frames, 0), "batch": (batch, 1),
+            "stop_after_empty": (stop_after_empty, 1), "clip_len": (clip_len, 1)}  # fmt: skip
+    for name, (v, least) in ints.items():
+        if v is not None and not (_is_int(v) and v >= least):
+            raise ValueError(f"{name}={v!r}: give an integer >= {least}")
+
+
+def _check_prompts(prompts: dict, n: int, h: int, w: int) -> dict[int, Prompt]:
+    """{slice index z in 0..n-1: validated Prompt on the (h, w) slice}; empty prompts raise."""
+    if not prompts:
+        raise ValueError("prompts is empty: give {slice index: Prompt(...)} for >= 1 slice")
+    checked = {}
+    for z, p in prompts.items():
+        if not (_is_int(z) and 0 <= z < n):
+            raise ValueError(f"prompts: slice index {z!r} is not in 0..{n - 1}: Z = {n} slices")
+        checked[int(z)] = check_prompt(p, (h, w), f"prompts[{z}]")
+    return checked
+
+
+def _run_pass(model, feats_of: _Features, p: int, zs: list[int], start_mem: torch.Tensor,
+              out: np.ndarray, *, memory_frames: int, stop_after_empty: int | None, bar) -> None:  # fmt: skip
+    """Propagate from prompted slice p over `zs` (in visiting order) into `out` (Z, H, W) bool;
+    `start_mem` is p's memory features (mem_dim, h', w')."""
+    h, w = out.shape[1:]
+    recent: deque[torch.Tensor] = deque(maxlen=memory_frames)  # most recent first
+    empty_run, step = 0, 1 if zs[0] > p else -1
+    for i, z in enumerate(zs):
+        feats = feats_of.get(z, step)
+        mems = [*recent, start_mem] if memory_frames else []
+        out[z], mem = _decode_propagated(model, feats, mems, h, w)
+        recent.appendleft(mem)
+        bar.update(1)
+        empty_run = 0 if out[z].any() else empty_run + 1
+        if stop_after_empty is not None and empty_run >= stop_after_empty:
+            feats_of.release(zs[i + 1 :])
+            bar.update(len(zs) - i - 1)
+            break
+
+
 @torch.no_grad()
 def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", window=None,
                      memory_frames: int = 6, direction: str = "both", batch: int = 4,
@@ -146,66 +208,27 @@ def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", wi
     """
     from tqdm.auto import tqdm
 
-    from samed2_kit.medbank.io.volume import Volume
-
-    if isinstance(volume, Volume):
-        mod = str(volume.meta.get("modality", "")).lower()
-        modality = (
-            mod if modality == "auto" and window is None and mod in ("ct", "mr") else modality
-        )
-        volume = volume.array
-    arr = np.asarray(volume)
-    if arr.ndim != 3:
-        raise ValueError(f"volume must be (Z, H, W) (one grey channel), got shape {arr.shape}")
+    arr, modality = _volume_array(volume, modality, window)
     n, h, w = arr.shape
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction={direction!r}: one of {DIRECTIONS}")
-    ints = {"memory_frames": (memory_frames, 0), "batch": (batch, 1),
-            "stop_after_empty": (stop_after_empty, 1), "clip_len": (clip_len, 1)}  # fmt: skip
-    for name, (v, least) in ints.items():
-        if v is not None and not (_is_int(v) and v >= least):
-            raise ValueError(f"{name}={v!r}: give an integer >= {least}")
-    if not prompts:
-        raise ValueError("prompts is empty: give {slice index: Prompt(...)} for >= 1 slice")
-    checked = {}
-    for z, p in prompts.items():
-        if not (_is_int(z) and 0 <= z < n):
-            raise ValueError(f"prompts: slice index {z!r} is not in 0..{n - 1}: Z = {n} slices")
-        checked[int(z)] = check_prompt(p, (h, w), f"prompts[{z}]")
+    _check_options(direction, memory_frames, batch, stop_after_empty, clip_len)
+    checked = _check_prompts(prompts, n, h, w)
     starts = sorted(checked)
     passes = _passes(starts, n, direction)
     t = clip_len or model_clip_len(model)
     feats_of = _Features(model, volume_intensity(arr, modality, window), n, t, batch,
                          starts + [z for _, zs in passes for z in zs])  # fmt: skip
     out = np.zeros((n, h, w), dtype=bool)
-    flags = [(m, m.training) for m in model.modules()]
     total = len(starts) + sum(len(zs) for _, zs in passes)
     bar = tqdm(total=total, desc="propagate", unit="slice", disable=not progress)
-    try:
-        model.eval()
+    with evaluation(model), contextlib.closing(bar):
         start_mem = {}
         for z in starts:  # prompted slices
             feats = feats_of.get(z)
             out[z], start_mem[z] = _decode_prompted(model, feats, checked[z], h, w)
             bar.update(1)
         for p, zs in passes:
-            recent: deque[torch.Tensor] = deque(maxlen=memory_frames)  # most recent first
-            empty_run, step = 0, 1 if zs[0] > p else -1
-            for i, z in enumerate(zs):
-                feats = feats_of.get(z, step)
-                mems = [*recent, start_mem[p]] if memory_frames else []
-                out[z], mem = _decode_propagated(model, feats, mems, h, w)
-                recent.appendleft(mem)
-                bar.update(1)
-                empty_run = 0 if out[z].any() else empty_run + 1
-                if stop_after_empty is not None and empty_run >= stop_after_empty:
-                    feats_of.release(zs[i + 1 :])
-                    bar.update(len(zs) - i - 1)
-                    break
-    finally:
-        bar.close()
-        for m, flag in flags:
-            m.training = flag
+            _run_pass(model, feats_of, p, zs, start_mem[p], out, memory_frames=memory_frames,
+                      stop_after_empty=stop_after_empty, bar=bar)  # fmt: skip
     return out
 
 

@@ -31,7 +31,10 @@ def test_few_shot_recipe_trains_by_episodes_and_evaluates_by_support(hc18_store,
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["info"]["eval_prompt"] == "support"
     assert metrics["summary"]["overall"]["n"] >= 1
-    assert json.loads((out / "model.json").read_text())["sources"]["hard_prototypes"]["kind"] == "hard_prototypes"
+    assert (
+        json.loads((out / "model.json").read_text())["sources"]["hard_prototypes"]["kind"]
+        == "hard_prototypes"
+    )
     for protocol in ("support", "box"):  # few-shot alone, and combined with a box
         r = subprocess.run([sys.executable, "-m", "samed2_kit.cli", "eval", str(out), hc18_store,
                             "--protocol", protocol, "--out", str(tmp_path / protocol)],

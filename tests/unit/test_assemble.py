@@ -72,9 +72,13 @@ def test_a_folder_of_format_1_loads_as_it_was_saved():
     """tests/data/run_v1 was written by the save path before this module (see its README)."""
     model = load_model(RUN_V1)
     assert model.spec.clip_len == 3  # format 1 kept T only in the saved recipe
-    assert set(model.adapter_configs) == set() and "lora" in json.dumps(
-        json.loads((RUN_V1 / "adapters-default.json").read_text())
-    )
+    from samed2_kit.adapters.lora import lora_sets
+    from samed2_kit.adapters.temporal import temporal_config
+    from samed2_kit.config import Recipe, from_dict
+
+    assert lora_sets(model) == ["default"] and temporal_config(model)["rank"] == 4
+    recipe = from_dict(Recipe, json.loads((RUN_V1 / "model.json").read_text())["recipe"])
+    assert sorted(recipe.adapters) == ["lora", "temporal"]  # format 1 wrote nulls for "off"
     assert list(model.prompt_sources) == ["similarity_prior", "hard_prototypes"]
     assert len(model.memory.bank) == 2
     out, e = _expected_output(model)

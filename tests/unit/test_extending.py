@@ -191,3 +191,32 @@ def test_a_registered_reader_serves_read_volume(tmp_path):
             io.register_reader(io.Reader("stack", read_stack))
     finally:
         del io.READERS["stack"]
+
+
+def test_registered_kinds_join_the_freeze_groups_and_the_saved_model(kinds, tmp_path):
+    """The fast tier's check of the same: groups, trainable table, save and load (no training)."""
+    from samed2_kit.adapters.freeze import groups, policy_for_mode
+    from samed2_kit.config import load_recipe
+    from samed2_kit.model.assemble import from_recipe, load, save
+
+    recipe = load_recipe(None, ["model.image_size=64", "adapters.bottleneck={width: 2}",
+                                "sources.mean_mask={momentum: 0.25}"])  # fmt: skip
+    model = from_recipe(recipe)
+    assert groups()["bottleneck"] == r"\.bottleneck\."
+    assert "bottleneck" in policy_for_mode(model, "decoder").train
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".bottleneck." in name or name.startswith(("prompt_sources", "source_gates")):
+                p.add_(0.1)
+        model.prompt_sources["mean_mask"].mean.fill_(0.3)
+    save(model, tmp_path / "m")
+    back = load(tmp_path / "m")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert back.prompt_sources["mean_mask"].cfg == MeanMaskConfig(0.25)
+    from samed2_kit.types import Prompts
+
+    x, box = torch.randn(2, 3, 64, 64), torch.tensor([[8.0, 8.0, 40.0, 40.0]] * 2)
+    with torch.no_grad():
+        want = model.eval()(x, Prompts(boxes=box)).low_res_logits
+        assert torch.equal(back.eval()(x, Prompts(boxes=box)).low_res_logits, want)

@@ -30,6 +30,66 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     return (shape[0], shape[1], shape[2])
 
 
+def _load_nifti(path: Path):
+    """The nibabel NIfTI image (header + lazy data) of an existing, readable .nii/.nii.gz file."""
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file {path} does not exist (check the path)")
+    try:
+        img = nib.load(str(path))
+    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
+        raise ValueError(
+            f"cannot read {path} as NIfTI ({exc}); check that it is a .nii/.nii.gz file and not "
+            "truncated, or a different format with the wrong extension"
+        ) from exc
+    if not isinstance(img, nib.Nifti1Pair):
+        raise ValueError(
+            f"{path} is a {type(img).__name__}, not NIfTI; convert it to .nii.gz (e.g. with "
+            "nibabel or SimpleITK)"
+        )
+    return img
+
+
+def _voxels(img, labels: bool, path: Path) -> np.ndarray:
+    """(Z, Y, X) C-contiguous voxels: scaled float32 for an image, integers for a label map."""
+    shape_xyz = _spatial_shape(tuple(int(n) for n in img.shape), path)
+    try:
+        if labels:
+            raw = np.asanyarray(img.dataobj)
+        else:
+            raw = img.get_fdata(dtype=np.float32)
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
+        raise ValueError(f"cannot read the voxel data of {path} ({exc}): is it truncated?") from exc
+    raw = raw.reshape(shape_xyz, order="A")
+    arr = to_label_array(raw, path) if labels else raw
+    check_finite(arr, path)
+    return np.ascontiguousarray(arr.transpose(2, 1, 0))
+
+
+def _geometry_mm(img, path: Path) -> tuple[np.ndarray, list[float], str]:
+    """(affine voxel (x, y, z) -> RAS+ mm (4, 4), spacing (x, y, z) mm, the header's xyz unit)."""
+    hdr = img.header
+    unit = hdr.get_xyzt_units()[0]
+    scale = _UNIT_TO_MM.get(unit, 1.0)
+    affine = np.array(img.affine, dtype=float)
+    affine[:3, :] *= scale
+    affine[3] = (0.0, 0.0, 0.0, 1.0)
+    zooms = [float(z) for z in hdr.get_zooms()[:3]] + [1.0] * (3 - len(hdr.get_zooms()[:3]))
+    col_norms = np.linalg.norm(affine[:3, :3], axis=0)
+    xyz = [
+        z * scale if np.isfinite(z) and z > 0 else float(n)
+        for z, n in zip(zooms, col_norms, strict=True)
+    ]
+    if not all(np.isfinite(s) and s > 0 for s in xyz):
+        raise ValueError(
+            f"{path}: voxel sizes (pixdim) {zooms} and affine give no positive spacing; fix pixdim "
+            "in the header"
+        )
+    return affine, xyz, unit
+
+
 def read_nifti(path: str | Path, labels: bool = False) -> Volume:
     """Read a NIfTI-1/NIfTI-2 file (.nii or .nii.gz).
 
@@ -51,53 +111,12 @@ def read_nifti(path: str | Path, labels: bool = False) -> Volume:
             non-integer values with ``labels=True``.
     """
     import nibabel as nib
-    from nibabel.filebasedimages import ImageFileError
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NIfTI file {path} does not exist (check the path)")
-    try:
-        img = nib.load(str(path))
-    except (ImageFileError, OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ValueError(
-            f"cannot read {path} as NIfTI ({exc}); check that it is a .nii/.nii.gz file and not "
-            "truncated, or a different format with the wrong extension"
-        ) from exc
-    if not isinstance(img, nib.Nifti1Pair):
-        raise ValueError(
-            f"{path} is a {type(img).__name__}, not NIfTI; convert it to .nii.gz (e.g. with "
-            "nibabel or SimpleITK)"
-        )
+    img = _load_nifti(path)
     hdr = img.header
-    shape_xyz = _spatial_shape(tuple(int(n) for n in img.shape), path)
-    try:
-        if labels:
-            raw = np.asanyarray(img.dataobj)
-        else:
-            raw = img.get_fdata(dtype=np.float32)
-    except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise ValueError(f"cannot read the voxel data of {path} ({exc}): is it truncated?") from exc
-    raw = raw.reshape(shape_xyz, order="A")
-    arr = to_label_array(raw, path) if labels else raw
-    check_finite(arr, path)
-    arr = np.ascontiguousarray(arr.transpose(2, 1, 0))
-
-    unit = hdr.get_xyzt_units()[0]
-    scale = _UNIT_TO_MM.get(unit, 1.0)
-    affine = np.array(img.affine, dtype=float)
-    affine[:3, :] *= scale
-    affine[3] = (0.0, 0.0, 0.0, 1.0)
-    zooms = [float(z) for z in hdr.get_zooms()[:3]] + [1.0] * (3 - len(hdr.get_zooms()[:3]))
-    col_norms = np.linalg.norm(affine[:3, :3], axis=0)
-    xyz = [
-        z * scale if np.isfinite(z) and z > 0 else float(n)
-        for z, n in zip(zooms, col_norms, strict=True)
-    ]
-    if not all(np.isfinite(s) and s > 0 for s in xyz):
-        raise ValueError(
-            f"{path}: voxel sizes (pixdim) {zooms} and affine give no positive spacing; fix pixdim "
-            "in the header"
-        )
+    arr = _voxels(img, labels, path)
+    affine, xyz, unit = _geometry_mm(img, path)
     qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
     meta = {
         "source": str(path),

@@ -45,29 +45,8 @@ def _spacing_zyx(raw: np.ndarray, order: str, is_2d: bool, path: Path) -> tuple[
     return tuple(float(v) for v in zyx)
 
 
-def read_npz(path: str | Path, spacing_order: str = "xyz") -> tuple[Volume, Volume | None]:
-    """Read a MedSAM-style ``.npz`` archive (loaded with ``allow_pickle=False``, always).
-
-    Args:
-        path: the ``.npz`` file.
-        spacing_order: order of the 3 values in the ``spacing`` key: "xyz" (MedSAM, SimpleITK's
-            GetSpacing) or "zyx".
-
-    Returns:
-        (image, labels): image Volume with array (Z, Y, X) or (1, H, W) / (1, H, W, 3) for 2D,
-        stored dtype; labels Volume (Z, Y, X) integer from ``gts`` on the same grid, or None
-        when the archive has no ``gts``. Spacing (z, y, x) mm from ``spacing`` (1.0 and
-        meta["spacing_known"] False when absent); affine = diagonal spacing, origin 0 (npz keeps
-        no orientation). ``imgs`` of shape (H, W, 3) is read as a 2D RGB image when ``gts`` is
-        absent or (H, W); otherwise as a volume of 3-pixel-wide slices.
-
-    Raises:
-        ValueError: not an npz archive, no ``imgs`` (lists the keys found), object (pickled)
-            arrays, ``gts`` shape differing from ``imgs``, bad ``spacing``, NaN/inf voxels.
-    """
-    path = Path(path)
-    if spacing_order not in ("xyz", "zyx"):
-        raise ValueError(f"spacing_order must be 'xyz' or 'zyx', got {spacing_order!r}")
+def _load_arrays(path: Path) -> tuple[list[str], np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(keys, imgs, gts or None, spacing or None) of an existing .npz archive, never unpickled."""
     if not path.is_file():
         raise FileNotFoundError(f"npz file {path} does not exist (check the path)")
     try:
@@ -92,7 +71,13 @@ def read_npz(path: str | Path, spacing_order: str = "xyz") -> tuple[Volume, Volu
         imgs = _get(archive, "imgs", path)
         gts = _get(archive, "gts", path) if "gts" in keys else None
         spacing_raw = _get(archive, "spacing", path) if "spacing" in keys else None
+    return keys, imgs, gts, spacing_raw
 
+
+def _check_grids(
+    imgs: np.ndarray, gts: np.ndarray | None, path: Path
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`imgs` as (D, H, W) or (D, H, W, 3) (2D gets D=1) and `gts` as (D, H, W) integer labels."""
     if imgs.dtype.kind not in "biuf":
         raise ValueError(f"{path}: 'imgs' has dtype {imgs.dtype}; expected numbers")
     rgb_2d = imgs.ndim == 3 and imgs.shape[2] == 3 and (gts is None or gts.shape == imgs.shape[:2])
@@ -113,6 +98,34 @@ def read_npz(path: str | Path, spacing_order: str = "xyz") -> tuple[Volume, Volu
                 "the (D, H, W) grid"
             )
         gts = to_label_array(gts, f"{path} 'gts'")
+    return imgs, gts
+
+
+def read_npz(path: str | Path, spacing_order: str = "xyz") -> tuple[Volume, Volume | None]:
+    """Read a MedSAM-style ``.npz`` archive (loaded with ``allow_pickle=False``, always).
+
+    Args:
+        path: the ``.npz`` file.
+        spacing_order: order of the 3 values in the ``spacing`` key: "xyz" (MedSAM, SimpleITK's
+            GetSpacing) or "zyx".
+
+    Returns:
+        (image, labels): image Volume with array (Z, Y, X) or (1, H, W) / (1, H, W, 3) for 2D,
+        stored dtype; labels Volume (Z, Y, X) integer from ``gts`` on the same grid, or None
+        when the archive has no ``gts``. Spacing (z, y, x) mm from ``spacing`` (1.0 and
+        meta["spacing_known"] False when absent); affine = diagonal spacing, origin 0 (npz keeps
+        no orientation). ``imgs`` of shape (H, W, 3) is read as a 2D RGB image when ``gts`` is
+        absent or (H, W); otherwise as a volume of 3-pixel-wide slices.
+
+    Raises:
+        ValueError: not an npz archive, no ``imgs`` (lists the keys found), object (pickled)
+            arrays, ``gts`` shape differing from ``imgs``, bad ``spacing``, NaN/inf voxels.
+    """
+    path = Path(path)
+    if spacing_order not in ("xyz", "zyx"):
+        raise ValueError(f"spacing_order must be 'xyz' or 'zyx', got {spacing_order!r}")
+    keys, imgs, gts, spacing_raw = _load_arrays(path)
+    imgs, gts = _check_grids(imgs, gts, path)
 
     is_2d = imgs.shape[0] == 1
     if spacing_raw is not None:

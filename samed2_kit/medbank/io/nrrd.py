@@ -51,6 +51,88 @@ def _segment_names(header: dict) -> dict[int, str]:
     return names
 
 
+def _load_nrrd(path: Path) -> tuple[np.ndarray, dict]:
+    """(data in file-axis order (index_order="F"), header) of an existing, readable NRRD file."""
+    import nrrd
+
+    if not path.is_file():
+        raise FileNotFoundError(f"NRRD file {path} does not exist (check the path)")
+    try:
+        return nrrd.read(str(path), index_order="F")
+    except (nrrd.NRRDError, OSError, EOFError, ValueError, KeyError, zlib.error) as exc:
+        raise ValueError(
+            f"cannot read {path} as NRRD ({exc}); check that it is a NRRD file (and, for a "
+            ".nhdr, that its data file sits beside it) and that it is not truncated"
+        ) from exc
+
+
+def _scalar_data(data: np.ndarray, header: dict, path: Path) -> tuple[np.ndarray, list[int], list]:
+    """(data with only its 2 or 3 spatial axes (x, y[, z]), their file-axis indices, kinds per
+    file axis); non-scalar files or other axis counts raise ValueError."""
+    spatial = _spatial_axes(header)
+    kinds = list(header.get("kinds") or [None] * data.ndim)
+    extra = [i for i, s in enumerate(spatial) if not s]
+    if any(data.shape[i] != 1 for i in extra):
+        desc = ", ".join(f"axis {i} (kind {kinds[i]!r}, size {data.shape[i]})" for i in extra)
+        raise ValueError(
+            f"{path} is not a scalar volume: {desc} is not spatial (vector/RGB/layers/time). "
+            "Only scalar 2D/3D NRRD is supported: save one component, channel or segment layer "
+            "as its own file"
+        )
+    axes = [i for i, s in enumerate(spatial) if s]
+    if len(axes) not in (2, 3):
+        raise ValueError(
+            f"{path} has {len(axes)} spatial axes (sizes {data.shape}); expected a 2D or 3D image"
+        )
+    return data.reshape([data.shape[i] for i in axes], order="F"), axes, kinds
+
+
+def _ras_flip(space, path: Path) -> np.ndarray:
+    """(3,) world-axis signs that take the file's `space` to RAS+ (LPS when absent or unknown)."""
+    space_key = str(space).lower() if space is not None else None
+    if space_key is not None and space_key.endswith("time"):
+        raise ValueError(f"{path}: space {space!r} has a time axis; only 3D spaces are supported")
+    return np.array(_SPACE_TO_RAS.get(space_key, _SPACE_TO_RAS["lps"]))
+
+
+def _directions(header: dict, axes: list[int], path: Path) -> tuple[np.ndarray, bool]:
+    """(3, 3) world step (mm) per voxel axis x, y, z as columns, from `space directions` (or
+    `spacings`; 1.0 when absent), and whether the spacing was known. For 2 spatial axes z is the
+    unit normal of the x-y plane."""
+    directions = np.zeros((3, 3))  # columns: file axes x, y, z in the file's world space
+    sd = header.get("space directions")
+    spacing_known = True
+    if sd is not None:
+        sd = np.asarray(sd, dtype=float)[axes]
+        if sd.shape[1] > 3:
+            raise ValueError(f"{path}: space directions {sd.tolist()} have more than 3 components")
+        directions[: sd.shape[1], : len(axes)] = sd.T
+    else:
+        spacings = header.get("spacings")
+        steps = np.asarray(spacings, dtype=float)[axes] if spacings is not None else None
+        if steps is None or not np.all(np.isfinite(steps) & (steps != 0)):
+            steps, spacing_known = np.ones(len(axes)), False
+        directions[: len(axes), : len(axes)] = np.diag(steps)
+    if len(axes) == 2:  # one-slice volume: z is the unit normal of the x-y plane
+        normal = np.cross(directions[:, 0], directions[:, 1])
+        directions[:, 2] = normal / (np.linalg.norm(normal) or 1.0)
+    return directions, spacing_known
+
+
+def _ras_affine(directions: np.ndarray, header: dict, flip: np.ndarray) -> np.ndarray:
+    """(4, 4) affine voxel (x, y, z) -> RAS+ mm from the (3, 3) directions, `space origin` and
+    the (3,) world-axis flip."""
+    origin = np.zeros(3)
+    if header.get("space origin") is not None:
+        so = np.asarray(header["space origin"], dtype=float)
+        origin[: min(3, so.size)] = so[:3]
+    affine = np.eye(4)
+    affine[:3, :3] = flip[:, None] * directions
+    affine[:3, 3] = flip * origin
+    affine += 0.0  # no negative zeros from the flips
+    return affine
+
+
 def read_nrrd(path: str | Path, labels: bool = False) -> Volume:
     """Read a scalar 3D (or 2D) NRRD file; detached headers (.nhdr + data file) work too.
 
@@ -73,58 +155,13 @@ def read_nrrd(path: str | Path, labels: bool = False) -> Volume:
         ValueError: not a readable NRRD, a non-scalar file (vector, RGB, several layers or time
             points), NaN/inf voxels (with the count), non-integer values with ``labels=True``.
     """
-    import nrrd
-
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"NRRD file {path} does not exist (check the path)")
-    try:
-        data, header = nrrd.read(str(path), index_order="F")
-    except (nrrd.NRRDError, OSError, EOFError, ValueError, KeyError, zlib.error) as exc:
-        raise ValueError(
-            f"cannot read {path} as NRRD ({exc}); check that it is a NRRD file (and, for a "
-            ".nhdr, that its data file sits beside it) and that it is not truncated"
-        ) from exc
-    spatial = _spatial_axes(header)
-    kinds = list(header.get("kinds") or [None] * data.ndim)
-    extra = [i for i, s in enumerate(spatial) if not s]
-    if any(data.shape[i] != 1 for i in extra):
-        desc = ", ".join(f"axis {i} (kind {kinds[i]!r}, size {data.shape[i]})" for i in extra)
-        raise ValueError(
-            f"{path} is not a scalar volume: {desc} is not spatial (vector/RGB/layers/time). "
-            "Only scalar 2D/3D NRRD is supported: save one component, channel or segment layer "
-            "as its own file"
-        )
-    axes = [i for i, s in enumerate(spatial) if s]
-    if len(axes) not in (2, 3):
-        raise ValueError(
-            f"{path} has {len(axes)} spatial axes (sizes {data.shape}); expected a 2D or 3D image"
-        )
-    data = data.reshape([data.shape[i] for i in axes], order="F")
-
+    data, header = _load_nrrd(path)
+    data, axes, kinds = _scalar_data(data, header, path)
     space = header.get("space")
-    space_key = str(space).lower() if space is not None else None
-    if space_key is not None and space_key.endswith("time"):
-        raise ValueError(f"{path}: space {space!r} has a time axis; only 3D spaces are supported")
-    flip = np.array(_SPACE_TO_RAS.get(space_key, _SPACE_TO_RAS["lps"]))
-
-    directions = np.zeros((3, 3))  # columns: file axes x, y, z in the file's world space
-    sd = header.get("space directions")
-    spacing_known = True
-    if sd is not None:
-        sd = np.asarray(sd, dtype=float)[axes]
-        if sd.shape[1] > 3:
-            raise ValueError(f"{path}: space directions {sd.tolist()} have more than 3 components")
-        directions[: sd.shape[1], : len(axes)] = sd.T
-    else:
-        spacings = header.get("spacings")
-        steps = np.asarray(spacings, dtype=float)[axes] if spacings is not None else None
-        if steps is None or not np.all(np.isfinite(steps) & (steps != 0)):
-            steps, spacing_known = np.ones(len(axes)), False
-        directions[: len(axes), : len(axes)] = np.diag(steps)
-    if len(axes) == 2:  # one-slice volume: z is the unit normal of the x-y plane
-        normal = np.cross(directions[:, 0], directions[:, 1])
-        directions[:, 2] = normal / (np.linalg.norm(normal) or 1.0)
+    flip = _ras_flip(space, path)
+    directions, spacing_known = _directions(header, axes, path)
+    if len(axes) == 2:
         data = data[:, :, None]
     spacing_xyz = np.linalg.norm(directions, axis=0)
     if not np.all(np.isfinite(spacing_xyz) & (spacing_xyz > 0)):
@@ -132,14 +169,7 @@ def read_nrrd(path: str | Path, labels: bool = False) -> Volume:
             f"{path}: space directions {directions.T.tolist()} give a zero-length axis; fix the "
             "'space directions' field"
         )
-    origin = np.zeros(3)
-    if header.get("space origin") is not None:
-        so = np.asarray(header["space origin"], dtype=float)
-        origin[: min(3, so.size)] = so[:3]
-    affine = np.eye(4)
-    affine[:3, :3] = flip[:, None] * directions
-    affine[:3, 3] = flip * origin
-    affine += 0.0  # no negative zeros from the flips
+    affine = _ras_affine(directions, header, flip)
 
     arr = to_label_array(data, path) if labels else data
     check_finite(arr, path)
