@@ -20,6 +20,14 @@ from pathlib import Path
 import torch
 
 from samed2_kit.config import Recipe, to_dict
+from samed2_kit.engine.resume import check_resume, resume_key
+from samed2_kit.engine.steps import STEPS, StepResult, batch_prompts, image_step
+
+__all__ = [
+    "STEPS", "StepLog", "StepResult", "TrainResult", "apply_train_mode", "batch_prompts",
+    "check_resume", "cosine_with_warmup", "image_step", "param_groups", "read_log",
+    "resolve_mixed_precision", "resume_key", "train",
+]  # fmt: skip
 
 
 @dataclass
@@ -92,56 +100,7 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def batch_prompts(batch: dict, mode: str):
-    """Prompts for a collated batch, following the prompt mode the dataset sampled."""
-    from samed2_kit.model.wrapper import Prompts
-
-    boxes = batch["box"] if "box" in mode else None
-    points = labels = None
-    if "point" in mode:
-        points, labels = batch["points"], batch["point_labels"]
-    return Prompts(points=points, point_labels=labels, boxes=boxes)
-
-
-# recipe keys a resumed run may change: they alter neither the weights so far nor the data order
-RESUMABLE_CHANGES = {
-    "train": ("steps", "save_every", "keep_last", "log_every", "val_every", "tensorboard"),
-    "data": ("num_workers", "spec", "store"),
-}
 LOG = "train_log.jsonl"
-
-
-def resume_key(recipe: Recipe) -> dict:
-    """The parts of a recipe a checkpoint is bound to (eval and `RESUMABLE_CHANGES` left out)."""
-    d = to_dict(recipe)
-    d.pop("eval", None)
-    d.pop("out_dir", None)
-    for section, keys in RESUMABLE_CHANGES.items():
-        for k in keys:
-            d[section].pop(k, None)
-    return d
-
-
-def _diff(a, b, prefix="") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [x for k in sorted(set(a) | set(b))
-                for x in _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]  # fmt: skip
-    return [] if a == b else [f"{prefix}: {b!r} in the checkpoint, {a!r} now"]
-
-
-def check_resume(meta: dict, want: dict, folder) -> None:
-    """A clear error when a checkpoint was written by another recipe, model or launch."""
-    problems = _diff(want["recipe"], meta.get("recipe", {}))
-    for key, what in (("frozen_sha256", "the frozen (not trained) weights"),
-                      ("world", "the number of processes"), ("samples", "the training data")):  # fmt: skip
-        if meta.get(key) != want[key]:
-            problems.append(f"{what}: {meta.get(key)!r} in the checkpoint, {want[key]!r} now")
-    if problems:
-        raise ValueError(
-            f"cannot resume from {folder}: it was written by a different run. "
-            + "; ".join(problems[:6])
-            + ". Resume with the run's recipe and launch, or start a new run (another --out)"
-        )
 
 
 class StepLogFile:
@@ -189,43 +148,6 @@ def _datasets(recipe: Recipe, data) -> list:
 
         data = [d if isinstance(d, Episodes) else Episodes(d, recipe.train.seed) for d in data]
     return list(data)
-
-
-def _support_kwargs(batch: dict) -> dict:
-    """Model keyword arguments for an episode batch's supports (support b serves query b)."""
-    if "support_image" not in batch:
-        return {}
-    n = len(batch["support_image"])
-    index = torch.arange(n, device=batch["support_image"].device)
-    return {"support_images": batch["support_image"], "support_masks": batch["support_mask"],
-            "support_index": index}  # fmt: skip
-
-
-@dataclass
-class StepResult:
-    """One micro-batch's result: the loss (its `total` is back-propagated), the model's output
-    and the batch metadata (what the parts that learn without gradients read)."""
-
-    loss: object  # samed2_kit.losses.LossOutput
-    out: object  # samed2_kit.types.SAMed2Output
-    meta: dict
-
-
-def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
-    """The training step on images (or clips of T adjacent slices), one prompt per image: one
-    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`."""
-    prompts = batch_prompts(batch, recipe.data.prompt.mode)
-    meta = {k: batch[k] for k in ("case_id", "task", "modality")}
-    out = model(batch["image"], prompts, recipe.train.multimask, batch["clip_len"], meta,
-                **_support_kwargs(batch))  # fmt: skip
-    loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
-                   out.source_logits)  # fmt: skip
-    return StepResult(loss, out, meta)
-
-
-# kinds of training step, by name: `train(..., step=name)`; a step is called as
-# step(model, batch, recipe, loss_fn) -> StepResult, once per micro-batch
-STEPS: dict[str, Callable] = {"image": image_step}
 
 
 @dataclass

@@ -1,0 +1,62 @@
+"""Kinds of training step: what one micro-batch does between the loader and the optimizer.
+
+A step is called as `step(model, batch, recipe, loss_fn) -> StepResult`, once per micro-batch,
+with the (DDP-wrapped) model: one forward through it, and the loss to back-propagate. The loop
+around it (`engine.train`) is the same for every kind; `train(..., step=name)` picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from samed2_kit.config import Recipe
+from samed2_kit.types import Prompts
+
+
+def batch_prompts(batch: dict, mode: str):
+    """Prompts for a collated batch, following the prompt mode the dataset sampled."""
+    boxes = batch["box"] if "box" in mode else None
+    points = labels = None
+    if "point" in mode:
+        points, labels = batch["points"], batch["point_labels"]
+    return Prompts(points=points, point_labels=labels, boxes=boxes)
+
+
+def _support_kwargs(batch: dict) -> dict:
+    """Model keyword arguments for an episode batch's supports (support b serves query b)."""
+    if "support_image" not in batch:
+        return {}
+    n = len(batch["support_image"])
+    index = torch.arange(n, device=batch["support_image"].device)
+    return {"support_images": batch["support_image"], "support_masks": batch["support_mask"],
+            "support_index": index}  # fmt: skip
+
+
+@dataclass
+class StepResult:
+    """One micro-batch's result: the loss (its `total` is back-propagated), the model's output
+    and the batch metadata (what the parts that learn without gradients read)."""
+
+    loss: object  # samed2_kit.losses.LossOutput
+    out: object  # samed2_kit.types.SAMed2Output
+    meta: dict
+
+
+def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
+    """The training step on images (or clips of T adjacent slices), one prompt per image: one
+    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`."""
+    prompts = batch_prompts(batch, recipe.data.prompt.mode)
+    meta = {k: batch[k] for k in ("case_id", "task", "modality")}
+    out = model(batch["image"], prompts, recipe.train.multimask, batch["clip_len"], meta,
+                **_support_kwargs(batch))  # fmt: skip
+    loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
+                   out.source_logits)  # fmt: skip
+    return StepResult(loss, out, meta)
+
+
+# kinds of training step, by name: `train(..., step=name)`; a step is called as
+# step(model, batch, recipe, loss_fn) -> StepResult, once per micro-batch
+STEPS: dict[str, Callable] = {"image": image_step}
