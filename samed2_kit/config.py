@@ -42,7 +42,10 @@ class DataConfig:
     store: str | None = None  # store folder (default: "<out_dir>-store" next to the run folder)
     train_split: str = "train"
     tasks: list[str] | None = None  # restrict training and evaluation to these tasks
-    clip_len: int = 1  # T adjacent slices per sample (1 for 2D)
+    clip_len: int = 1  # T adjacent slices per sample (1 for 2D): the encoder's clips
+    # train.step=sequence: N consecutive slices per sample (a multiple of clip_len; the store's
+    # clip_radius R must allow it: N <= 2R + 1)
+    sequence_len: int = 5
     prompt: PromptConfig = field(default_factory=PromptConfig)
     augment: bool = True
     num_workers: int = 0
@@ -51,9 +54,17 @@ class DataConfig:
     episodes: bool = False
 
 
+TRAIN_STEPS = ("image", "sequence")  # `samed2_kit.engine.steps.STEPS`
+
+
 @dataclass
 class TrainConfig:
     mode: str = "full"  # full: encoder + decoder train | decoder: image encoder frozen
+    # image: each image (or clip of T slices) decoded with its prompt | sequence: runs of
+    # data.sequence_len slices, the centre prompted, the rest propagated through SAM 2's memory path
+    # (its memory attention and memory encoder then train too: freeze group `propagation`)
+    step: str = "image"
+    memory_frames: int = 6  # sequence: recent results each propagated slice attends to
     # what trains, by group (image_encoder, prompt_encoder, mask_decoder, temporal_adapter, lora,
     # prompt_sources, memory, all) or parameter-name regex; overrides `mode` when given
     trainable: list[str] | None = None
@@ -77,6 +88,10 @@ class TrainConfig:
     tensorboard: bool = True  # event files in RUN/tensorboard (Accelerate's tracker)
 
     def __post_init__(self) -> None:
+        if self.step not in TRAIN_STEPS:
+            raise ValueError(f"train.step={self.step!r}: choose one of {', '.join(TRAIN_STEPS)}")
+        if self.memory_frames < 0:
+            raise ValueError(f"train.memory_frames={self.memory_frames} must be >= 0")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")

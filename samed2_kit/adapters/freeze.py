@@ -40,18 +40,21 @@ def groups() -> dict[str, str]:
     }
     out.update({k.group_name: k.pattern for k in registry.adapter_kinds()})
     out["prompt_sources"] = SOURCES_GROUP
+    out["propagation"] = PROPAGATION_GROUP
     out["memory"] = MEMORY_GROUP
     out["all"] = r"."
     return out
 
 
 SOURCES_GROUP = r"^(?:prompt_sources|source_gates)\."
+# SAM 2's propagation path: memory attention, memory encoder and their embeddings (what
+# sequence training and volume propagation run)
+PROPAGATION_GROUP = (
+    r"^sam\.(?:memory_attention\.|memory_encoder\.|maskmem_tpos_enc$|no_obj_embed_spatial$)"
+)
 # the confidence memory reads through sam2's memory attention and writes through its memory
 # encoder: they train with it
-MEMORY_GROUP = (
-    r"^(?:memory\.|sam\.(?:memory_attention|memory_encoder)\.|sam\.maskmem_tpos_enc$"
-    r"|sam\.no_obj_embed_spatial$)"
-)
+MEMORY_GROUP = rf"^memory\.|{PROPAGATION_GROUP}"
 
 # train.mode of a recipe -> the groups it trains (plus the adapter, source and memory groups the
 # model has: `optional_groups`)

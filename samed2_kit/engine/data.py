@@ -107,7 +107,7 @@ def store_dataset(recipe, store: str, tasks: list[str] | None, seed: int):
     return StoreDataset(
         store,
         split=d.train_split,
-        clip_len=d.clip_len,
+        clip_len=d.sequence_len if recipe.train.step == "sequence" else d.clip_len,
         image_size=recipe.model.image_size,
         prompt=d.prompt,
         seed=seed,

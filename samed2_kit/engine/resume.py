@@ -22,16 +22,25 @@ def resume_key(recipe: Recipe) -> dict:
     return d
 
 
-def _diff(a, b, prefix="") -> list[str]:
+_ABSENT = object()
+
+
+def _diff(a, b, default, prefix="") -> list[str]:
+    """Differences between the recipe now (`a`) and the checkpoint's (`b`); a key the checkpoint
+    lacks (written before the key existed) matches when the recipe keeps its `default`."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [x for k in sorted(set(a) | set(b))
-                for x in _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]  # fmt: skip
+        out = []
+        for k in sorted(set(a) | set(b)):
+            d = default.get(k, _ABSENT) if isinstance(default, dict) else _ABSENT
+            bk = b.get(k, d) if k not in b and d is not _ABSENT else b.get(k)
+            out += _diff(a.get(k), bk, d, f"{prefix}.{k}" if prefix else str(k))
+        return out
     return [] if a == b else [f"{prefix}: {b!r} in the checkpoint, {a!r} now"]
 
 
 def check_resume(meta: dict, want: dict, folder) -> None:
     """A clear error when a checkpoint was written by another recipe, model or launch."""
-    problems = _diff(want["recipe"], meta.get("recipe", {}))
+    problems = _diff(want["recipe"], meta.get("recipe", {}), resume_key(Recipe()))
     for key, what in (("frozen_sha256", "the frozen (not trained) weights"),
                       ("world", "the number of processes"), ("samples", "the training data")):  # fmt: skip
         if meta.get(key) != want[key]:

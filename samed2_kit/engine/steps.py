@@ -7,6 +7,7 @@ around it (`engine.train`) is the same for every kind; `train(..., step=name)` p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,6 +58,24 @@ def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
     return StepResult(loss, out, meta)
 
 
-# kinds of training step, by name: `train(..., step=name)`; a step is called as
+def sequence_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
+    """Training on clips of N consecutive slices of one object (`data.clip_len` = N): the centre
+    slice prompted, the others propagated from it through SAM 2's memory path, exactly as
+    `propagate_volume` does at inference (`samed2_kit.volume.sequence`); the loss on every slice
+    (the decoder's logits; an absent object is the object-score term's)."""
+    from samed2_kit.volume.sequence import sequence_forward
+
+    if recipe.data.episodes:
+        raise ValueError(
+            "train.step=sequence does not take few-shot episodes: set data.episodes=false"
+        )
+    run = functools.partial(sequence_forward, memory_frames=recipe.train.memory_frames)
+    out = model(batch, run=run)
+    meta = {k: batch[k] for k in ("case_id", "task", "modality")}
+    loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"], {})
+    return StepResult(loss, out, meta)
+
+
+# kinds of training step, by name (`train.step` of a recipe); a step is called as
 # step(model, batch, recipe, loss_fn) -> StepResult, once per micro-batch
-STEPS: dict[str, Callable] = {"image": image_step}
+STEPS: dict[str, Callable] = {"image": image_step, "sequence": sequence_step}

@@ -61,13 +61,16 @@ def apply_train_mode(model, mode: str) -> int:
 
 def param_groups(model, cfg) -> tuple[list[dict], int]:
     """Optimizer groups (LR = train.lr x multiplier) and the trainable-parameter count, from the
-    recipe's `train.trainable` policy, else from `train.mode`."""
+    recipe's `train.trainable` policy, else from `train.mode` (plus the `propagation` group when
+    sequence training runs it)."""
     from samed2_kit.adapters.freeze import FreezePolicy, apply_policy, policy_for_mode
 
     if cfg.trainable:
         policy = FreezePolicy(cfg.trainable, dict(cfg.lr_mult))
     else:
         policy = policy_for_mode(model, cfg.mode, dict(cfg.lr_mult))
+        if cfg.step == "sequence" and "memory" not in policy.train:
+            policy.train.append("propagation")
     groups = apply_policy(model, policy)
     out = [{"params": g["params"], "lr": cfg.lr * g["lr_mult"], "name": g["name"]} for g in groups]
     return out, sum(p.numel() for g in out for p in g["params"])
@@ -330,7 +333,7 @@ def train(
     resume: bool = False,
     validate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
     progress: bool = True,
-    step: str | Callable = "image",
+    step: str | Callable | None = None,
 ):
     """Train `model` (a SAMed2Model) in place; returns (model, TrainResult, accelerator).
 
@@ -343,7 +346,8 @@ def train(
             uninterrupted run), after checking it was written by this recipe, model and launch.
         validate: called on every rank every `train.val_every` steps and at the end with the
             unwrapped model; returns {name: value} to log (e.g. validation Dice per task).
-        step: the kind of training step (a `STEPS` name) or a callable of the same signature.
+        step: the kind of training step (a `STEPS` name) or a callable of the same signature;
+            None: the recipe's `train.step`.
     """
     from tqdm.auto import tqdm
 
@@ -351,6 +355,7 @@ def train(
     from samed2_kit.engine.data import make_loader
     from samed2_kit.losses import SegLoss
 
+    step = recipe.train.step if step is None else step
     step_fn = STEPS[step] if isinstance(step, str) else step
     cfg = recipe.train
     run_dir = Path(run_dir) if run_dir is not None else None

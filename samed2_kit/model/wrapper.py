@@ -193,18 +193,25 @@ class SAMed2Model(nn.Module):
     def forward(
         self,
         images: torch.Tensor,
-        prompts: Prompts,
+        prompts: Prompts | None = None,
         multimask_output: bool = False,
         clip_len: int = 1,
         meta: dict | None = None,
         support_images: torch.Tensor | None = None,
         support_masks: torch.Tensor | None = None,
         support_index: torch.Tensor | None = None,
+        *,
+        run=None,
     ) -> SAMed2Output:
         """One training/inference step: images (B, 3, S, S) + one prompt per image -> masks.
 
         Few-shot sources: support_images (B_s, 3, S, S) and support_masks (B_s, 1, S, S);
-        support_index (B_s,) the query each support serves (None: all serve every query)."""
+        support_index (B_s,) the query each support serves (None: all serve every query).
+        `run`: another kind of step, called as `run(self, images)` (the first argument may then
+        be anything, e.g. a batch), so that DDP and autocast see it as this module's forward
+        (`samed2_kit.volume.sequence_forward`)."""
+        if run is not None:
+            return run(self, images)
         support = None
         if support_images is not None:
             b = images.shape[0]

@@ -43,11 +43,11 @@ import torch.nn.functional as F
 
 from samed2_kit.model import _sam2
 from samed2_kit.prompts import Prompt, check_prompt
-from samed2_kit.types import ImageFeatures
+from samed2_kit.types import ImageFeatures, Prompts
 from samed2_kit.utils.modes import evaluation
+from samed2_kit.volume.sequence import prompted, propagated
 
 DIRECTIONS = ("both", "up", "down")
-NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: mask logits of a slice without the object
 
 
 def volume_intensity(array: np.ndarray, modality: str = "auto", window=None,
@@ -244,8 +244,6 @@ def _upsample(low: torch.Tensor, h: int, w: int) -> np.ndarray:
 
 def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
     """A prompted slice -> (result (H, W) bool, memory features (mem_dim, h', w'))."""
-    from samed2_kit.model.wrapper import Prompts
-
     s, dev = model.image_size, feats.image_embed.device
     if p.mask is not None:  # SAM 2's mask-as-output: logits = mask * 20 - 10, score +-10
         m = torch.as_tensor(p.mask, dtype=torch.float32, device=dev)[None, None]
@@ -259,25 +257,12 @@ def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
         lab = torch.from_numpy(p.labels.astype(np.int64))[None].to(dev)
     if p.box is not None:
         box = torch.from_numpy((p.box.reshape(2, 2) * scale).reshape(1, 4)).to(dev)
-    res = model.decode(feats, Prompts(pts, lab, box), False)
-    low, obj = res.low_res_logits, res.object_score_logits
-    return _upsample(low, h, w), _sam2.encode_memory(model.sam, feats, low, obj)[0]
+    res = prompted(model, feats, Prompts(pts, lab, box))
+    return _upsample(res.low_res_logits, h, w), res.memory[0]
 
 
 def _decode_propagated(model, feats: ImageFeatures, mems: list[torch.Tensor], h: int, w: int):
     """An unprompted slice conditioned on `mems` (each (mem_dim, h', w'), most relevant first)
     plus the confidence bank's entries for it -> (result (H, W) bool, memory features)."""
-    from samed2_kit.model.wrapper import Prompts
-
-    sam = model.sam
-    bank = model.memory.retrieve(sam, feats, {})[0] if model.memory is not None else None
-    if bank is not None:  # (n, mem_dim, h', w'), read only
-        mems = [*mems, *bank]
-    cond = feats
-    if mems:
-        embed = _sam2.attend_memory(sam, feats, torch.stack(mems)[None])
-        cond = ImageFeatures(embed.to(feats.image_embed.dtype), feats.high_res, feats.pos)
-    res = model.decode(cond, Prompts(), False, use_memory=False)
-    present = res.object_score_logits > 0  # (1, 1)
-    low = torch.where(present[..., None, None], res.low_res_logits, NO_OBJECT_LOGIT)
-    return _upsample(low, h, w), _sam2.encode_memory(sam, feats, low, res.object_score_logits)[0]
+    res = propagated(model, feats, [torch.stack(mems) if mems else None])
+    return _upsample(res.low_res_logits, h, w), res.memory[0]

@@ -1,0 +1,137 @@
+"""One slice conditioned on earlier results: the step SAM 2's video path repeats, shared by volume
+propagation (`propagate_volume`, inference) and sequence training (`sequence_forward`).
+
+    first = prompted(model, feats, prompts)           # a prompted slice: decoder + its memory
+    nxt = propagated(model, feats2, [mems])           # memory attention over earlier results
+
+Shapes: a batch of B slices (one per object); memory features (m, h, w) with m the memory
+width and h = w = S/16; logits at S/4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from samed2_kit.model import _sam2
+from samed2_kit.types import ImageFeatures, Prompts, SAMed2Output
+
+NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: mask logits of a slice without the object
+
+
+@dataclass
+class SliceResult:
+    """raw_logits (B, 1, S/4, S/4) the decoder's; low_res_logits the same, set to
+    NO_OBJECT_LOGIT where the object score says "absent" (what is shown and remembered);
+    iou (B, 1); object_score_logits (B, 1); memory (B, m, h, w) its memory features."""
+
+    raw_logits: torch.Tensor
+    low_res_logits: torch.Tensor
+    iou: torch.Tensor
+    object_score_logits: torch.Tensor
+    memory: torch.Tensor
+
+
+def prompted(model, feats: ImageFeatures, prompts: Prompts) -> SliceResult:
+    """Slices with a prompt: the decoder (memory and prompt sources as in 2D prediction), then
+    the memory encoder on the encoder features and the logits."""
+    res = model.decode(feats, prompts, False)
+    low, obj = res.low_res_logits, res.object_score_logits
+    return SliceResult(low, low, res.iou, obj, _sam2.encode_memory(model.sam, feats, low, obj))
+
+
+def _condition(model, feats: ImageFeatures, mems: list[torch.Tensor | None]) -> ImageFeatures:
+    """feats conditioned by memory attention on each image's entries (n_i, m, h, w), most
+    relevant first, plus the confidence bank's entries for it (read only)."""
+    sam = model.sam
+    if model.memory is not None:
+        bank = model.memory.retrieve(sam, feats, {})
+        mems = [m if k is None else k if m is None else torch.cat([m, k])
+                for m, k in zip(mems, bank, strict=True)]  # fmt: skip
+    if all(m is None for m in mems):
+        return feats
+    embed = feats.image_embed
+    counts = {None if m is None else len(m) for m in mems}
+    if len(counts) == 1:  # one call for the batch
+        out = _sam2.attend_memory(sam, feats, torch.stack(mems))
+        return ImageFeatures(out.to(embed.dtype), feats.high_res, feats.pos)
+    rows = []
+    for b, m in enumerate(mems):
+        one = feats.select(slice(b, b + 1))
+        rows.append(one.image_embed if m is None else _sam2.attend_memory(sam, one, m[None]))
+    return ImageFeatures(torch.cat(rows).to(embed.dtype), feats.high_res, feats.pos)
+
+
+def propagated(model, feats: ImageFeatures, mems: list[torch.Tensor | None]) -> SliceResult:
+    """Slices without a prompt, each conditioned on its earlier results `mems[b]` (n_b, m, h, w),
+    most recent first with the prompted slice's last, or None: SAM 2's memory attention, the
+    decoder with no prompt (the prompt sources' clicks where they suggest some), the logits set
+    to "no object" where the object score is <= 0, and the memory encoder on those."""
+    cond = _condition(model, feats, list(mems))
+    res = model.decode(cond, Prompts(), False, use_memory=False)
+    obj = res.object_score_logits
+    low = torch.where((obj > 0)[..., None, None], res.low_res_logits, NO_OBJECT_LOGIT)
+    memory = _sam2.encode_memory(model.sam, feats, low, obj)
+    return SliceResult(res.low_res_logits, low, res.iou, obj, memory)
+
+
+def memory_of(recent: list[torch.Tensor], start: torch.Tensor, frames: int) -> torch.Tensor | None:
+    """What a propagated slice attends to: the `frames` most recent results (most recent first)
+    and the prompted slice's memory last; None without memory (`frames` = 0)."""
+    return torch.stack([*recent[:frames], start]) if frames else None
+
+
+def _order(n: int) -> list[tuple[int, int]]:
+    """(slice, the slice before it) in visiting order from the centre c = n // 2: up, then down."""
+    c = n // 2
+    return [(k, k - 1) for k in range(c + 1, n)] + [(k, k + 1) for k in range(c - 1, -1, -1)]
+
+
+def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output:
+    """Runs of N consecutive slices (batch["clip_len"] = N, run-major): the centre slice of
+    each gets the clip's prompt; the others are predicted outward from it, up then down, each
+    from its own features conditioned on the results before it in its direction (the prompted
+    slice always among them), as `propagate_volume` does. The encoder sees clips of the model's
+    T (`spec.clip_len`, which must divide N). Returns the output over all B*N slices in batch
+    order, with the decoder's raw logits (for the loss)."""
+    n, t = int(batch["clip_len"]), int(model.spec.clip_len)
+    images = batch["image"]
+    if n < 2 or n % t:
+        raise ValueError(
+            f"sequence training takes runs of N >= 2 slices that the model's clip length "
+            f"T={t} divides (data.sequence_len={n}): set data.sequence_len to a multiple of {t}, e.g. "
+            f"{t * max(2 if t == 1 else 1, round(7 / t))}"
+        )
+    b = images.shape[0] // n
+    meta = {k: batch[k] for k in ("case_id", "task", "modality") if k in batch}
+    feats = model.encode(images, t, meta)
+    c = n // 2
+
+    def rows(k: int) -> torch.Tensor:
+        return torch.arange(b, device=images.device) * n + k
+
+    centre = rows(c)
+    prompts = Prompts(
+        batch["points"][centre] if batch["points"].shape[1] else None,
+        batch["point_labels"][centre] if batch["points"].shape[1] else None,
+        batch["box"][centre] if bool(batch["has_box"][centre].all()) else None,
+    )
+    done = {c: prompted(model, feats.select(centre), prompts)}
+    recent: dict[int, list[torch.Tensor]] = {1: [], -1: []}
+    for k, before in _order(n):
+        step = 1 if k > c else -1
+        if before == c:
+            recent[step] = []
+        mems = memory_of(recent[step], done[c].memory, memory_frames)  # (n_mem, B, m, h, w)
+        per_image = [None] * b if mems is None else list(mems.unbind(1))
+        done[k] = propagated(model, feats.select(rows(k)), per_image)
+        recent[step].insert(0, done[k].memory)
+    # results are slice-major (k * B + clip); the batch is clip-major (clip * N + k)
+    order = torch.arange(n * b, device=images.device).reshape(n, b).T.reshape(-1)
+
+    def gather(field: str) -> torch.Tensor:
+        return torch.cat([getattr(done[k], field) for k in range(n)])[order]
+
+    return SAMed2Output(gather("raw_logits"), gather("iou"), gather("object_score_logits"),
+                        feats, feats)  # fmt: skip

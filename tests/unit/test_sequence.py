@@ -1,0 +1,123 @@
+"""Sequence training (`train.step=sequence`): clips of N slices, the centre prompted, the others
+propagated through SAM 2's memory path, the same code `propagate_volume` runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def volume_store(tmp_path_factory) -> str:
+    """The bundled brain MR volumes (tumour ROI), clip_radius 2: clips of up to 5 slices."""
+    from samed2_kit.medbank.build import build
+    from samed2_kit.medbank.spec import load_spec
+
+    folder = tmp_path_factory.mktemp("volumes")
+    root = REPO / "samed2_kit" / "sample_data" / "pyradiomics_brain"
+    spec = folder / "spec.yaml"
+    spec.write_text(
+        "split: {train: 0.5, test: 0.5}\nclip_radius: 2\nmax_size: 64\nsources:\n"
+        f"  - {{name: brain, layout: volumes, root: '{root}', image: '{{id}}_image.nrrd',\n"
+        "     mask: '{id}_label.nrrd', labels: {1: tumour}, modality: mr, task: tumour,\n"
+        "     licence: BSD-3-Clause}\n"
+    )
+    parsed, sha = load_spec(spec)
+    build(parsed, folder / "store", sha, progress=False)
+    return str(folder / "store")
+
+
+def _recipe(store, *extra):
+    from samed2_kit.config import load_recipe
+
+    return load_recipe(None, [f"data.store={store}", "model.image_size=64", "data.sequence_len=5",
+                              "train.step=sequence", "train.batch_size=2", "train.steps=3",
+                              "train.warmup_steps=1", "train.lr=0.001", "train.mixed_precision=no",
+                              "data.augment=false", *extra])  # fmt: skip
+
+
+def _state(model, prefix):
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.mark.parametrize("step", ["sequence", "image"])
+def test_sequence_training_trains_the_propagation_modules(volume_store, step):
+    from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import from_recipe
+
+    recipe = _recipe(volume_store, f"train.step={step}")
+    model = from_recipe(recipe)
+    before = _state(model, "sam.memory_attention.") | _state(model, "sam.memory_encoder.")
+    model, result, _ = train(recipe, model, volume_store, progress=False)
+    after = _state(model, "sam.memory_attention.") | _state(model, "sam.memory_encoder.")
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
+    if step == "sequence":  # SAM 2's propagation path learns
+        assert len(changed) > len(before) // 2
+    else:  # the image step never runs it
+        assert changed == []
+
+
+def test_sequence_forward_is_the_propagation_path(volume_store):
+    """Slice c+1 of a clip is what `propagated` gives from the centre's memory, and every slice
+    gets a gradient into memory attention."""
+    from samed2_kit.engine.data import store_dataset
+    from samed2_kit.medbank.dataset import collate_clips
+    from samed2_kit.model.assemble import from_recipe
+    from samed2_kit.types import Prompts
+    from samed2_kit.volume.sequence import prompted, propagated, sequence_forward
+
+    recipe = _recipe(volume_store)
+    model = from_recipe(recipe).eval()
+    assert model.spec.clip_len == 1  # the encoder's T, not the sequence length
+    ds = store_dataset(recipe, volume_store, None, 0)
+    batch = collate_clips([ds[0], ds[1]])
+    out = model(batch, run=sequence_forward)
+    assert out.low_res_logits.shape == (10, 1, 16, 16) and out.object_score_logits.shape == (10, 1)
+    feats = model.encode(batch["image"], 1)
+    with torch.no_grad():
+        c = prompted(model, feats.select(torch.tensor([2])), Prompts(boxes=batch["box"][2:3]))
+        nxt = propagated(model, feats.select(torch.tensor([3])), [c.memory])
+    torch.testing.assert_close(out.low_res_logits[2:3], c.raw_logits)
+    torch.testing.assert_close(out.low_res_logits[3:4], nxt.raw_logits)
+    out.low_res_logits.sum().backward()
+    grads = [p.grad for p in model.sam.memory_attention.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_sequence_errors_name_the_fix(volume_store):
+    from samed2_kit.config import load_recipe
+    from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import from_recipe
+
+    recipe = _recipe(volume_store, "data.sequence_len=1")
+    with pytest.raises(ValueError, match="runs of N >= 2 slices.*data.sequence_len"):
+        train(recipe, from_recipe(recipe), volume_store, progress=False)
+    with pytest.raises(ValueError, match="train.step='video': choose one of image, sequence"):
+        load_recipe(None, ["train.step=video"])
+
+
+def test_sequences_compose_with_temporal_adapters(volume_store):
+    """The encoder sees clips of T=3 inside runs of N=3 slices (T must divide N)."""
+    from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import from_recipe
+
+    recipe = _recipe(volume_store, "data.clip_len=3", "data.sequence_len=3",
+                     "adapters.temporal={rank: 4}", "train.steps=2")  # fmt: skip
+    model = from_recipe(recipe)
+    seen = []
+    hook = model.encoder_blocks[0].temporal_adapter.register_forward_pre_hook(
+        lambda m, args: seen.append(args[1])
+    )
+    train(recipe, model, volume_store, progress=False)
+    hook.remove()
+    assert model.spec.clip_len == 3 and set(seen) == {3}
+    bad = _recipe(
+        volume_store, "data.clip_len=3", "data.sequence_len=5", "adapters.temporal={rank: 4}"
+    )
+    with pytest.raises(ValueError, match="multiple of 3"):
+        train(bad, from_recipe(bad), volume_store, progress=False)
