@@ -93,7 +93,7 @@ def cmd_eval(args) -> int:
 
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.engine import report
-    from samed2_kit.engine.items import items_from_store, model_supports
+    from samed2_kit.engine.items import model_supports
     from samed2_kit.medbank.store import default_store
     from samed2_kit.model.assemble import load as load_model
 
@@ -109,7 +109,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out) if args.out else folder / f"eval-{cfg.split}-{cfg.prompt}"
     # under `accelerate launch` this joins the process group (CPU ranks need ACCELERATE_USE_CPU)
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    items = items_from_store(store, cfg.split, recipe.data.tasks)
+    items = ev.eval_items(store, cfg, recipe.data.tasks)
     model = load_model(folder, device=state.device)
     d = recipe.data
     sup = model_supports(model, store, d.train_split, d.tasks, cfg.supports)

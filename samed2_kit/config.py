@@ -100,7 +100,7 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0: off)")
 
 
-EVAL_PROTOCOLS = ("box", "point", "box+clicks", "support")
+EVAL_PROTOCOLS = ("box", "point", "box+clicks", "support", "slice-box")
 PREDICT_FORMATS = ("auto", "png", "nifti", "dicom-seg")  # `samed2 predict --format`
 MAX_EVAL_CLICKS = 20
 

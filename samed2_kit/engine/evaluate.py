@@ -30,35 +30,16 @@ items[rank::world] and all processes return every row, once, in input order.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
 
 from samed2_kit.config import EVAL_PROTOCOLS as PROTOCOLS
 from samed2_kit.config import EvalConfig
+from samed2_kit.engine.rows import CaseRow, limit_per_task
 
 METRICS = ("dice", "nsd", "hd95", "box_dice", "box_nsd", "box_hd95")
-
-
-@dataclass
-class CaseRow:
-    """One evaluated sample. hd95 in mm; click_dice: Dice after the box and after each corrective
-    click (box+clicks only, else empty); dice_auc: its normalised area (nan when not box+clicks)."""
-
-    sample_id: str
-    case_id: str
-    task: str
-    label: str
-    modality: str
-    dice: float
-    nsd: float
-    hd95: float
-    box_dice: float
-    box_nsd: float
-    box_hd95: float
-    click_dice: list[float] = field(default_factory=list)
-    dice_auc: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -196,19 +177,6 @@ def evaluate_item(predictor, item, cfg: EvalConfig) -> tuple[CaseRow, np.ndarray
     return row, pred
 
 
-def limit_per_task(items: list, max_items: int | None) -> list:
-    """The first `max_items` items of each task, in input order (all when None)."""
-    if max_items is None:
-        return list(items)
-    seen: dict[str, int] = {}
-    out = []
-    for it in items:
-        seen[it.task] = seen.get(it.task, 0) + 1
-        if seen[it.task] <= max_items:
-            out.append(it)
-    return out
-
-
 def _rank_world() -> tuple[int, int]:
     """(process index, number of processes): Accelerate's PartialState when torch.distributed is
     initialised, else (0, 1)."""
@@ -284,8 +252,15 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
+    from samed2_kit.engine.volumes import VOLUME_PROTOCOLS, evaluate_volumes
     from samed2_kit.model.predictor import Predictor
     from samed2_kit.utils.modes import restored_modes
+
+    if cfg.prompt in VOLUME_PROTOCOLS:
+        if not all(hasattr(it, "load_volume") for it in items):
+            raise ValueError(f"eval.prompt={cfg.prompt} evaluates volumes: give VolumeItems "
+                             "(`eval_items` / `engine.volumes.volumes_from_store`)")  # fmt: skip
+        return evaluate_volumes(model, items, cfg, progress)
 
     if cfg.prompt == "support" and not model.support_sources():
         raise ValueError(
@@ -378,3 +353,14 @@ def read_csv(path) -> list[CaseRow]:
             kw["click_dice"] = [float(v) for v in cd.split(";")] if cd else []
             out.append(CaseRow(**kw))
     return out
+
+
+def eval_items(store: str, cfg: EvalConfig, tasks: list[str] | None = None) -> list:
+    """What `cfg.prompt` evaluates in `cfg.split` of `store`: its volumes (one per case and
+    label) for a volume protocol (`engine.volumes`), else its 2D samples (`engine.items`)."""
+    from samed2_kit.engine.items import items_from_store
+    from samed2_kit.engine.volumes import VOLUME_PROTOCOLS, volumes_from_store
+
+    if cfg.prompt in VOLUME_PROTOCOLS:
+        return volumes_from_store(store, cfg.split, tasks)
+    return items_from_store(store, cfg.split, tasks)

@@ -66,7 +66,8 @@ def plot_overlays(items, rows, preds, path: Path, n: int = 3) -> None:
         image, gt = it.load()
         ax.imshow(normalize_intensity(image, modality=it.intensity, window=it.window))
         ax.contour(gt, levels=[0.5], colors="lime", linewidths=1.2)
-        ax.contour(preds[i], levels=[0.5], colors="red", linewidths=1.2)
+        pred = preds[i][it.key] if preds[i].ndim == 3 else preds[i]  # a volume: its key slice
+        ax.contour(pred, levels=[0.5], colors="red", linewidths=1.2)
         ax.set_title(f"{row.sample_id}\nDice {row.dice:.3f} (box {row.box_dice:.3f})", fontsize=8)
         ax.axis("off")
     fig.suptitle("held-out cases, best and worst: ground truth green, prediction red", fontsize=9)

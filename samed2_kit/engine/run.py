@@ -87,15 +87,15 @@ def validation(recipe: Recipe, store: str, tasks: list[str] | None):
     import dataclasses
 
     from samed2_kit.engine import evaluate as ev
-    from samed2_kit.engine.items import items_from_store, model_supports
+    from samed2_kit.engine.items import model_supports
 
     t = recipe.train
     if not t.val_every:
         return None
-    items = items_from_store(store, t.val_split, tasks)  # a clear error when the split is absent
     prompt = "box" if recipe.eval.prompt == "box+clicks" else recipe.eval.prompt
     cfg = dataclasses.replace(recipe.eval, prompt=prompt, split=t.val_split,
                               max_items=t.val_max_items or None)  # fmt: skip
+    items = ev.eval_items(store, cfg, tasks)  # a clear error when the split is absent
 
     def validate(model) -> dict[str, float]:
         sup = model_supports(model, store, recipe.data.train_split, tasks, recipe.eval.supports)
@@ -165,7 +165,7 @@ def run_recipe(
 ) -> dict:
     """Train and evaluate as the recipe says; returns the metrics summary ({} on other ranks)."""
     from samed2_kit.engine import evaluate as ev
-    from samed2_kit.engine.items import items_from_store, model_supports
+    from samed2_kit.engine.items import model_supports
     from samed2_kit.engine.train import train
     from samed2_kit.model import assemble
 
@@ -173,7 +173,7 @@ def run_recipe(
     d = recipe.data
     state, store = start_run(recipe, out_dir, resume, overwrite)
     # fail before training, not after it, when a split is missing
-    eval_items = items_from_store(store, recipe.eval.split, recipe.data.tasks)
+    eval_items = ev.eval_items(store, recipe.eval, recipe.data.tasks)
     validate = validation(recipe, store, recipe.data.tasks)
 
     model = assemble.from_recipe(recipe, recipe.data.tasks or store_tasks(store, d.train_split))

@@ -11,6 +11,7 @@ from samed2_kit.config import EVAL_PROTOCOLS, EvalConfig
 from samed2_kit.engine import evaluate as ev
 from samed2_kit.engine.evaluate import CaseRow, Click
 from samed2_kit.engine.items import EvalItem, items_from_store
+from samed2_kit.engine.volumes import VOLUME_PROTOCOLS  # tests/unit/test_sequence.py
 from samed2_kit.metrics import case_metrics
 
 
@@ -106,7 +107,7 @@ def test_nsd_tolerance_per_modality():
 # --- the loop on the tiny model ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("protocol", EVAL_PROTOCOLS)
+@pytest.mark.parametrize("protocol", [p for p in EVAL_PROTOCOLS if p not in VOLUME_PROTOCOLS])
 def test_evaluate_each_protocol(tiny_model, hc18_store, protocol):
     items = items_from_store(hc18_store, "train")
     cfg = EvalConfig(prompt=protocol, clicks=3, max_items=3)

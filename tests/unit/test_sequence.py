@@ -121,3 +121,37 @@ def test_sequences_compose_with_temporal_adapters(volume_store):
     )
     with pytest.raises(ValueError, match="multiple of 3"):
         train(bad, from_recipe(bad), volume_store, progress=False)
+
+
+def test_slice_box_evaluates_whole_volumes_against_the_extruded_box(volume_store, hc18_store):
+    import numpy as np
+
+    from samed2_kit.config import EvalConfig
+    from samed2_kit.engine import evaluate as ev
+    from samed2_kit.engine.volumes import extruded_box, key_slice
+    from samed2_kit.model.assemble import from_recipe
+
+    cfg = EvalConfig(prompt="slice-box", split="test")
+    items = ev.eval_items(volume_store, cfg)
+    assert [it.sample_id for it in items] == [f"{items[0].case_id}#tumour"]
+    images, masks = items[0].load_volume()
+    assert images.ndim == 3 and images.shape == masks.shape and masks.any()
+    assert items[0].spacing[0] > 0 and len(items[0].spacing) == 3
+    model = from_recipe(_recipe(volume_store)).eval()
+    rows, preds = ev.evaluate(model, items, cfg, progress=False)
+    assert preds[0].shape == masks.shape and 0 <= rows[0].dice <= 1
+    # the baseline: the key slice's box on every slice with the object
+    z = key_slice(masks)
+    box = ev.gt_prompt(masks[z], "box")["box"]
+    ext = extruded_box(masks, box)
+    assert ext[z].sum() == (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+    present = masks.reshape(len(masks), -1).any(1)
+    assert not ext[~present].any() and ext[present].any(axis=(1, 2)).all()
+    from samed2_kit.metrics import case_metrics
+
+    assert rows[0].box_dice == case_metrics(ext, masks, items[0].spacing).dice
+    with pytest.raises(ValueError, match="2D images only, so it has no volumes"):
+        ev.eval_items(hc18_store, cfg)
+    with pytest.raises(ValueError, match="evaluates volumes"):
+        ev.evaluate(model, ev.eval_items(hc18_store, EvalConfig(split="test")), cfg)
+    assert np.array_equal(preds[0], ev.evaluate(model, items, cfg, progress=False)[1][0])
