@@ -291,12 +291,30 @@ def _mean(values) -> float:
     return float(v.mean()) if v.size else float("nan")
 
 
+def gain_interval(rows: list[CaseRow], resamples: int = 2000, seed: int = 0) -> list[float]:
+    """Paired bootstrap 95% interval of the mean Dice gain over the baseline (dice - box_dice),
+    with cases (not slices or objects) as the unit: each case's rows are averaged first, then
+    cases are resampled with replacement (seeded). [nan, nan] with fewer than 2 cases."""
+    by_case: dict[str, list[float]] = {}
+    for r in rows:
+        if np.isfinite(r.dice) and np.isfinite(r.box_dice):
+            by_case.setdefault(r.case_id, []).append(r.dice - r.box_dice)
+    gains = np.array([np.mean(v) for v in by_case.values()])
+    if len(gains) < 2:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = gains[rng.integers(0, len(gains), (resamples, len(gains)))].mean(axis=1)
+    return [float(v) for v in np.percentile(means, [2.5, 97.5])]
+
+
 def aggregate(rows: list[CaseRow]) -> dict:
-    """Nan-ignoring means of one group: n, dice, nsd, hd95 (mm), box_*; for box+clicks also the
-    mean per-click curve `click_dice` (K + 1 values) and the mean `dice_auc`."""
-    out: dict = {"n": len(rows)}
+    """Nan-ignoring means of one group: n, dice, nsd, hd95 (mm), box_*, `cases` and
+    `gain_ci95` (`gain_interval` of dice - box_dice); for box+clicks also the mean per-click
+    curve `click_dice` (K + 1 values) and the mean `dice_auc`."""
+    out: dict = {"n": len(rows), "cases": len({r.case_id for r in rows})}
     for key in METRICS:
         out[key] = _mean(getattr(r, key) for r in rows)
+    out["gain_ci95"] = gain_interval(rows)
     curves = [r.click_dice for r in rows if r.click_dice]
     if curves:
         k = max(len(c) for c in curves)

@@ -105,15 +105,26 @@ def metrics_table(groups: dict[str, dict], first: str = "task") -> list[str]:
     final Dice for box+clicks groups (those with a `click_dice` curve)."""
     clicks = any("click_dice" in s for s in groups.values())
     head = f"| {first} | n | " + ("Dice AUC | final Dice" if clicks else "Dice")
-    head += " | box Dice | NSD | box NSD | HD95 mm | box HD95 mm |"
+    head += " | box Dice | gain [95% CI, by case] | NSD | box NSD | HD95 mm | box HD95 mm |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, s in groups.items():
         auc = f"{_fmt(s.get('dice_auc', float('nan')))} | " if clicks else ""
         lines.append(
             f"| {name} | {s['n']} | {auc}{_fmt(s['dice'])} | {_fmt(s['box_dice'])} | "
-            f"{_fmt(s['nsd'])} | {_fmt(s['box_nsd'])} | {_fmt(s['hd95'])} | {_fmt(s['box_hd95'])} |"
+            f"{gain_text(s)} | {_fmt(s['nsd'])} | {_fmt(s['box_nsd'])} | {_fmt(s['hd95'])} | "
+            f"{_fmt(s['box_hd95'])} |"
         )
     return lines
+
+
+def gain_text(s: dict) -> str:
+    """`+0.048 [-0.010, +0.101]`: the mean Dice gain over the baseline and its paired bootstrap
+    95% interval over cases (`evaluate.gain_interval`)."""
+    lo, hi = s.get("gain_ci95", [float("nan")] * 2)
+    gain = s["dice"] - s["box_dice"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return f"{gain:+.3f}"
+    return f"{gain:+.3f} [{lo:+.3f}, {hi:+.3f}]"
 
 
 PROTOCOL_TEXT = {

@@ -165,6 +165,7 @@ def run_recipe(
 ) -> dict:
     """Train and evaluate as the recipe says; returns the metrics summary ({} on other ranks)."""
     from samed2_kit.engine import evaluate as ev
+    from samed2_kit.engine import report
     from samed2_kit.engine.items import model_supports
     from samed2_kit.engine.train import train
     from samed2_kit.model import assemble
@@ -194,8 +195,9 @@ def run_recipe(
     o = summary["overall"]
     print(
         f"[samed2] held-out Dice {o['dice']:.3f} vs box baseline {o['box_dice']:.3f} "
-        f"({o['dice'] - o['box_dice']:+.3f}); NSD {o['nsd']:.3f}; HD95 {o['hd95']:.2f} mm; "
-        f"n={o['n']}\n[samed2] run folder: {out_dir}  (report: {out_dir / 'report.md'})"
+        f"({report.gain_text(o)}, 95% CI by case); NSD {o['nsd']:.3f}; HD95 {o['hd95']:.2f} mm; "
+        f"n={o['n']} of {o['cases']} cases\n"
+        f"[samed2] run folder: {out_dir}  (report: {out_dir / 'report.md'})"
     )
     return summary
 

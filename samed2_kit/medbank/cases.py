@@ -105,7 +105,20 @@ def load_case(ref: CaseRef, src: SourceSpec, names: dict[int, str]) -> tuple[Vol
         raise ValueError(f"{ref.image}: {bad} NaN/inf voxels; fix or mask them before building")
     if src.include is not None:
         segs = [s for s in segs if s.name in src.include]
-    return vol, segs
+    return vol, merge_same_names(segs)
+
+
+def merge_same_names(segs: list[Segment]) -> list[Segment]:
+    """Segments that share a name become one object, the union of their masks under the first's
+    id: a spec's `labels: {1: hippocampus, 2: hippocampus}` merges labels 1 and 2."""
+    merged: dict[str, Segment] = {}
+    for seg in segs:
+        if seg.name in merged:
+            first = merged[seg.name]
+            merged[seg.name] = Segment(first.label_id, first.name, first.mask | seg.mask)
+        else:
+            merged[seg.name] = seg
+    return list(merged.values())
 
 
 def slice_case(vol: Volume, segs: list[Segment], src: SourceSpec, seed: int) -> SlicedCase:

@@ -92,10 +92,25 @@ def decode(
     dense: torch.Tensor,
     multimask_output: bool,
     repeat_image: bool = False,
+    fallback_in_training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mask decoder. Returns low-res mask logits (B, M, 4h, 4w), predicted IoU (B, M) and object
-    score logits (B, 1); M = 3 with `multimask_output`, else 1."""
-    masks, iou, _tokens, obj = sam.sam_mask_decoder(
+    score logits (B, 1); M = 3 with `multimask_output`, else 1.
+
+    A single mask falls back to the best of the three multimask outputs when it is unstable
+    (sam2's `dynamic_multimask_via_stability`), in eval mode only in sam2; with
+    `fallback_in_training` also while training, so that what trains is what inference selects."""
+    dec = sam.sam_mask_decoder
+    if fallback_in_training and dec.training and not multimask_output:
+        if dec.dynamic_multimask_via_stability:
+            masks, iou, _tokens, obj = dec.predict_masks(
+                image_embeddings=feats.image_embed, image_pe=dense_pe(sam),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                repeat_image=repeat_image, high_res_features=feats.high_res,
+            )  # fmt: skip
+            masks, iou = dec._dynamic_multimask_via_stability(masks, iou)
+            return masks, iou, obj
+    masks, iou, _tokens, obj = dec(
         image_embeddings=feats.image_embed,
         image_pe=dense_pe(sam),
         sparse_prompt_embeddings=sparse,

@@ -147,11 +147,14 @@ class SAMed2Model(nn.Module):
         support: Support | None = None,
         *,
         use_memory: bool = True,
+        fallback_in_training: bool = False,
     ) -> SAMed2Output:
         """Memory conditioning, prompt sources and the mask decoder for a batch of features.
 
         `use_memory=False` skips the confidence memory's conditioning: for callers that condition
-        `feats` themselves (volume propagation attends over its own frames and the bank's)."""
+        `feats` themselves (volume propagation attends over its own frames and the bank's).
+        `fallback_in_training`: sam2's unstable-single-mask fallback also while training
+        (`_sam2.decode`; sequence training, whose propagated slices rely on it at inference)."""
         encoder_feats = feats
         if self.memory is not None and use_memory:
             feats = self.memory.condition(self.sam, feats, meta or {})
@@ -172,7 +175,8 @@ class SAMed2Model(nn.Module):
                 dense = dense + gate * c.dense
             if c.mask_logits is not None:
                 dense = dense + gate * _sam2.embed_mask(self.sam, c.mask_logits)
-        logits, iou, obj = _sam2.decode(self.sam, feats, sparse, dense, multimask_output)
+        logits, iou, obj = _sam2.decode(self.sam, feats, sparse, dense, multimask_output,
+                                        fallback_in_training=fallback_in_training)  # fmt: skip
         aux = {n: c.aux_logits for n, c in contribs.items() if c.aux_logits is not None}
         return SAMed2Output(logits, iou, obj, feats, encoder_feats, aux, prompts)
 

@@ -35,8 +35,9 @@ class SliceResult:
 
 def prompted(model, feats: ImageFeatures, prompts: Prompts) -> SliceResult:
     """Slices with a prompt: the decoder (memory and prompt sources as in 2D prediction), then
-    the memory encoder on the encoder features and the logits."""
-    res = model.decode(feats, prompts, False)
+    the memory encoder on the encoder features and the logits. While training, the decoder's
+    unstable-mask fallback runs as at inference (`_sam2.decode`)."""
+    res = model.decode(feats, prompts, False, fallback_in_training=True)
     low, obj = res.low_res_logits, res.object_score_logits
     return SliceResult(low, low, res.iou, obj, _sam2.encode_memory(model.sam, feats, low, obj))
 
@@ -69,7 +70,7 @@ def propagated(model, feats: ImageFeatures, mems: list[torch.Tensor | None]) -> 
     decoder with no prompt (the prompt sources' clicks where they suggest some), the logits set
     to "no object" where the object score is <= 0, and the memory encoder on those."""
     cond = _condition(model, feats, list(mems))
-    res = model.decode(cond, Prompts(), False, use_memory=False)
+    res = model.decode(cond, Prompts(), False, use_memory=False, fallback_in_training=True)
     obj = res.object_score_logits
     low = torch.where((obj > 0)[..., None, None], res.low_res_logits, NO_OBJECT_LOGIT)
     memory = _sam2.encode_memory(model.sam, feats, low, obj)

@@ -9,6 +9,7 @@ import torch
 
 from samed2_kit.config import EVAL_PROTOCOLS, EvalConfig
 from samed2_kit.engine import evaluate as ev
+from samed2_kit.engine import report
 from samed2_kit.engine.evaluate import CaseRow, Click
 from samed2_kit.engine.items import EvalItem, items_from_store
 from samed2_kit.engine.volumes import VOLUME_PROTOCOLS  # tests/unit/test_sequence.py
@@ -294,3 +295,21 @@ def test_cli_protocol_choices_match_the_config():
 
     for p in EVAL_PROTOCOLS:
         assert build_parser().parse_args(["eval", "run", "--protocol", p]).protocol == p
+
+
+def test_the_gain_over_the_baseline_has_a_bootstrap_interval_by_case():
+    # two cases; case "a" has three rows (slices) that count once, as their mean
+    rows = [_row("s1", "t", "us", 0.9), _row("s2", "t", "us", 0.7), _row("s3", "t", "us", 0.8),
+            _row("s4", "t", "us", 0.5)]  # fmt: skip
+    for r in rows[:3]:
+        r.case_id = "a"
+    rows[3].case_id = "b"
+    lo, hi = ev.gain_interval(rows)
+    # per-case gains: a = 0.8 - 0.5 = 0.3, b = 0.0; bootstrap means lie in [0, 0.3]
+    assert 0.0 <= lo <= hi <= 0.3 + 1e-9 and lo < 0.15 < hi
+    assert ev.gain_interval(rows) == [lo, hi]  # seeded
+    assert all(math.isnan(v) for v in ev.gain_interval(rows[:3]))  # one case: no interval
+    s = ev.summarize(rows)["overall"]
+    assert s["cases"] == 2 and s["gain_ci95"] == [lo, hi]
+    table = "\n".join(report.metrics_table({"all": s}))
+    assert "gain [95% CI, by case]" in table and f"[{lo:+.3f}, {hi:+.3f}]" in table

@@ -251,3 +251,17 @@ def test_every_shared_data_set_builds_and_verifies(tmp_path, shared_data):
     built = {s["name"]: s["cases"] for s in manifest["sources"]}
     assert all(n > 0 for n in built.values()), (built, report.skipped)
     assert verify(tmp_path / "store", progress=False).ok
+
+
+def test_labels_with_one_name_are_one_object():
+    """`labels: {1: hippocampus, 2: hippocampus}`: the two label ids become one object."""
+    import numpy as np
+
+    from samed2_kit.medbank.cases import merge_same_names
+    from samed2_kit.medbank.io.volume import Segment
+
+    a, b = np.zeros((2, 4, 4), bool), np.zeros((2, 4, 4), bool)
+    a[0, 0, 0], b[1, 3, 3] = True, True
+    merged = merge_same_names([Segment(1, "hc", a), Segment(2, "hc", b), Segment(3, "x", b)])
+    assert [(s.label_id, s.name) for s in merged] == [(1, "hc"), (3, "x")]
+    assert merged[0].mask.sum() == 2 and merged[0].mask[0, 0, 0] and merged[0].mask[1, 3, 3]

@@ -155,3 +155,18 @@ def test_slice_box_evaluates_whole_volumes_against_the_extruded_box(volume_store
     with pytest.raises(ValueError, match="evaluates volumes"):
         ev.evaluate(model, ev.eval_items(hc18_store, EvalConfig(split="test")), cfg)
     assert np.array_equal(preds[0], ev.evaluate(model, items, cfg, progress=False)[1][0])
+
+
+def test_sequence_training_resumes_exactly(volume_store, tmp_path):
+    import shutil
+
+    from samed2_kit.engine.state import checkpoint_dirs
+    from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import from_recipe
+
+    recipe = _recipe(volume_store, "train.steps=4", "train.save_every=2", "train.tensorboard=false")
+    _, full, _ = train(recipe, from_recipe(recipe), volume_store, tmp_path / "a", progress=False)
+    shutil.rmtree(checkpoint_dirs(tmp_path / "a")[-1])  # back to step 2
+    _, rest, _ = train(recipe, from_recipe(recipe), volume_store, tmp_path / "a", resume=True,
+                       progress=False)  # fmt: skip
+    assert [h.loss for h in rest.history] == [h.loss for h in full.history[2:]]
