@@ -145,7 +145,8 @@ class StoreDataset(torch.utils.data.Dataset):
         need = 2 * (self.clip_len // 2) + 1
         if have < need:
             raise ValueError(
-                f"clip_len={self.clip_len} needs {need} neighbours per sample, but the store "
+                f"clip_len={self.clip_len} (data.clip_len, or data.sequence_len with "
+                f"train.step=sequence) needs {need} neighbours per sample, but the store "
                 f"{self.store_dir} has {have} (clip_radius {have // 2}): use clip_len <= {have}, "
                 f"or rebuild it with clip_radius >= {self.clip_len // 2}"
             )

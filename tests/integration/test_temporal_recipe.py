@@ -1,5 +1,6 @@
-"""recipes/temporal_adapter.yaml end to end: clips of 3 slices from the bundled volumes, temporal
-adapters + LoRA, adapter checkpoint in the run folder, re-evaluated by `samed2 eval`."""
+"""recipes/temporal_adapter.yaml end to end: runs of 6 slices of the bundled hippocampus volumes,
+the encoder on clips of 3 with temporal adapters, adapter checkpoint in the run folder, 3D
+evaluation, re-evaluated by `samed2 eval`."""
 
 import json
 import subprocess
@@ -30,8 +31,11 @@ def test_temporal_recipe_trains_saves_and_reloads(tmp_path):
     keys = load_file(str(out / "model.safetensors")).keys()
     assert not any("temporal_adapter" in k or "lora_" in k or "base_layer" in k for k in keys)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["summary"]["per_task"].keys() == {"brain_tumour"}
+    assert metrics["summary"]["per_task"].keys() == {"hippocampus"}
+    assert json.loads((out / "model.json").read_text())["spec"]["clip_len"] == 3
     r = subprocess.run(SAMED2 + ["eval", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    again = json.loads((out / "eval-test-box" / "summary.json").read_text())["overall"]["dice"]
+    again = json.loads((out / "eval-test-slice-box" / "summary.json").read_text())["overall"][
+        "dice"
+    ]
     assert again == pytest.approx(metrics["summary"]["overall"]["dice"], abs=1e-6)

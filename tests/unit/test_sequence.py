@@ -170,3 +170,11 @@ def test_sequence_training_resumes_exactly(volume_store, tmp_path):
     _, rest, _ = train(recipe, from_recipe(recipe), volume_store, tmp_path / "a", resume=True,
                        progress=False)  # fmt: skip
     assert [h.loss for h in rest.history] == [h.loss for h in full.history[2:]]
+
+
+def test_a_sequence_longer_than_the_stored_neighbours_is_refused(volume_store):
+    from samed2_kit.engine.data import store_dataset
+
+    recipe = _recipe(volume_store, "data.sequence_len=7")  # the store keeps 2 on each side
+    with pytest.raises(ValueError, match="data.sequence_len.*rebuild it with clip_radius >= 3"):
+        store_dataset(recipe, volume_store, None, 0)
