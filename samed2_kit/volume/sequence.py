@@ -42,12 +42,13 @@ def prompted(model, feats: ImageFeatures, prompts: Prompts) -> SliceResult:
     return SliceResult(low, low, res.iou, obj, _sam2.encode_memory(model.sam, feats, low, obj))
 
 
-def _condition(model, feats: ImageFeatures, mems: list[torch.Tensor | None]) -> ImageFeatures:
+def _condition(model, feats: ImageFeatures, mems: list, meta: dict) -> ImageFeatures:
     """feats conditioned by memory attention on each image's entries (n_i, m, h, w), most
-    relevant first, plus the confidence bank's entries for it (read only)."""
+    relevant first, plus the confidence bank's entries for it (read only; while training, never
+    entries of the image's own case, `meta["case_id"]`)."""
     sam = model.sam
     if model.memory is not None:
-        bank = model.memory.retrieve(sam, feats, {})
+        bank = model.memory.retrieve(sam, feats, meta)
         mems = [m if k is None else k if m is None else torch.cat([m, k])
                 for m, k in zip(mems, bank, strict=True)]  # fmt: skip
     if all(m is None for m in mems):
@@ -64,12 +65,13 @@ def _condition(model, feats: ImageFeatures, mems: list[torch.Tensor | None]) -> 
     return ImageFeatures(torch.cat(rows).to(embed.dtype), feats.high_res, feats.pos)
 
 
-def propagated(model, feats: ImageFeatures, mems: list[torch.Tensor | None]) -> SliceResult:
+def propagated(model, feats: ImageFeatures, mems: list, meta: dict | None = None) -> SliceResult:
     """Slices without a prompt, each conditioned on its earlier results `mems[b]` (n_b, m, h, w),
     most recent first with the prompted slice's last, or None: SAM 2's memory attention, the
     decoder with no prompt (the prompt sources' clicks where they suggest some), the logits set
-    to "no object" where the object score is <= 0, and the memory encoder on those."""
-    cond = _condition(model, feats, list(mems))
+    to "no object" where the object score is <= 0, and the memory encoder on those. `meta`:
+    per-image lists (`case_id`, `task`, `modality`) for the confidence bank's retrieval."""
+    cond = _condition(model, feats, list(mems), meta or {})
     res = model.decode(cond, Prompts(), False, use_memory=False, fallback_in_training=True)
     obj = res.object_score_logits
     low = torch.where((obj > 0)[..., None, None], res.low_res_logits, NO_OBJECT_LOGIT)
@@ -126,7 +128,7 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output
             recent[step] = []
         mems = memory_of(recent[step], done[c].memory, memory_frames)  # (n_mem, B, m, h, w)
         per_image = [None] * b if mems is None else list(mems.unbind(1))
-        done[k] = propagated(model, feats.select(rows(k)), per_image)
+        done[k] = propagated(model, feats.select(rows(k)), per_image, meta)
         recent[step].insert(0, done[k].memory)
     # results are slice-major (k * B + clip); the batch is clip-major (clip * N + k)
     order = torch.arange(n * b, device=images.device).reshape(n, b).T.reshape(-1)

@@ -178,3 +178,32 @@ def test_a_sequence_longer_than_the_stored_neighbours_is_refused(volume_store):
     recipe = _recipe(volume_store, "data.sequence_len=7")  # the store keeps 2 on each side
     with pytest.raises(ValueError, match="data.sequence_len.*rebuild it with clip_radius >= 3"):
         store_dataset(recipe, volume_store, None, 0)
+
+
+def test_volume_evaluation_of_a_temporal_model_encodes_its_clips(volume_store, monkeypatch):
+    from samed2_kit.config import EvalConfig
+    from samed2_kit.engine import evaluate as ev
+    from samed2_kit.model.assemble import from_recipe
+
+    recipe = _recipe(volume_store, "data.clip_len=3", "adapters.temporal={rank: 4}")
+    model = from_recipe(recipe).eval()
+    calls = []
+    encode = model.encode
+
+    def spy(images, clip_len=1, meta=None):
+        calls.append((images.shape[0], clip_len))
+        return encode(images, clip_len, meta)
+
+    monkeypatch.setattr(model, "encode", spy)
+    cfg = EvalConfig(prompt="slice-box", split="test")
+    ev.evaluate(model, ev.eval_items(volume_store, cfg), cfg, progress=False)
+    assert calls and all(t == 3 and n % 3 == 0 for n, t in calls)
+
+
+def test_sequences_compose_with_the_confidence_memory(volume_store):
+    from samed2_kit.engine.train import train
+    from samed2_kit.model.assemble import from_recipe
+
+    recipe = _recipe(volume_store, "memory={threshold: 0.0, capacity: 8}", "train.steps=2")
+    model, _, _ = train(recipe, from_recipe(recipe), volume_store, progress=False)
+    assert 0 < len(model.memory.bank) <= 8 and not model.memory.writing
