@@ -11,26 +11,6 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def volume_store(tmp_path_factory) -> str:
-    """The bundled brain MR volumes (tumour ROI), clip_radius 2: clips of up to 5 slices."""
-    from samed2_kit.medbank.build import build
-    from samed2_kit.medbank.spec import load_spec
-
-    folder = tmp_path_factory.mktemp("volumes")
-    root = REPO / "samed2_kit" / "sample_data" / "pyradiomics_brain"
-    spec = folder / "spec.yaml"
-    spec.write_text(
-        "split: {train: 0.5, test: 0.5}\nclip_radius: 2\nmax_size: 64\nsources:\n"
-        f"  - {{name: brain, layout: volumes, root: '{root}', image: '{{id}}_image.nrrd',\n"
-        "     mask: '{id}_label.nrrd', labels: {1: tumour}, modality: mr, task: tumour,\n"
-        "     licence: BSD-3-Clause}\n"
-    )
-    parsed, sha = load_spec(spec)
-    build(parsed, folder / "store", sha, progress=False)
-    return str(folder / "store")
-
-
 def _recipe(store, *extra):
     from samed2_kit.config import load_recipe
 
