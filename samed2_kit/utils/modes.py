@@ -7,18 +7,6 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def evaluation(module) -> Iterator:
-    """`module.eval()` for the block; every submodule's own training flag restored afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-@contextlib.contextmanager
 def restored_modes(module) -> Iterator:
     """Every submodule's training flag restored after the block (the block may change them)."""
     flags = [(m, m.training) for m in module.modules()]
@@ -27,3 +15,11 @@ def restored_modes(module) -> Iterator:
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@contextlib.contextmanager
+def evaluation(module) -> Iterator:
+    """`module.eval()` for the block; every submodule's own training flag restored afterwards."""
+    with restored_modes(module):
+        module.eval()
+        yield module

@@ -45,7 +45,7 @@ from samed2_kit.model import _sam2
 from samed2_kit.prompts import Prompt, check_prompt
 from samed2_kit.types import ImageFeatures, Prompts
 from samed2_kit.utils.modes import evaluation
-from samed2_kit.volume.sequence import prompted, propagated
+from samed2_kit.volume.sequence import memory_of, prompted, propagated
 
 DIRECTIONS = ("both", "up", "down")
 
@@ -173,7 +173,7 @@ def _run_pass(model, feats_of: _Features, p: int, zs: list[int], start_mem: torc
     empty_run, step = 0, 1 if zs[0] > p else -1
     for i, z in enumerate(zs):
         feats = feats_of.get(z, step)
-        mems = [*recent, start_mem] if memory_frames else []
+        mems = memory_of(list(recent), start_mem, memory_frames)
         out[z], mem = _decode_propagated(model, feats, mems, h, w)
         recent.appendleft(mem)
         bar.update(1)
@@ -261,8 +261,8 @@ def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
     return _upsample(res.low_res_logits, h, w), res.memory[0]
 
 
-def _decode_propagated(model, feats: ImageFeatures, mems: list[torch.Tensor], h: int, w: int):
-    """An unprompted slice conditioned on `mems` (each (mem_dim, h', w'), most relevant first)
-    plus the confidence bank's entries for it -> (result (H, W) bool, memory features)."""
-    res = propagated(model, feats, [torch.stack(mems) if mems else None])
+def _decode_propagated(model, feats: ImageFeatures, mems: torch.Tensor | None, h: int, w: int):
+    """An unprompted slice conditioned on `mems` (n, mem_dim, h', w'), most relevant first, or
+    None, plus the confidence bank's entries for it -> (result (H, W) bool, memory features)."""
+    res = propagated(model, feats, [mems])
     return _upsample(res.low_res_logits, h, w), res.memory[0]

@@ -85,10 +85,10 @@ def memory_of(recent: list[torch.Tensor], start: torch.Tensor, frames: int) -> t
     return torch.stack([*recent[:frames], start]) if frames else None
 
 
-def _order(n: int) -> list[tuple[int, int]]:
-    """(slice, the slice before it) in visiting order from the centre c = n // 2: up, then down."""
+def _order(n: int) -> list[int]:
+    """Slices in visiting order from the centre c = n // 2: up, then down."""
     c = n // 2
-    return [(k, k - 1) for k in range(c + 1, n)] + [(k, k + 1) for k in range(c - 1, -1, -1)]
+    return [*range(c + 1, n), *range(c - 1, -1, -1)]
 
 
 def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output:
@@ -104,7 +104,7 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output
         raise ValueError(
             f"sequence training takes runs of N >= 2 slices that the model's clip length "
             f"T={t} divides (data.sequence_len={n}): set data.sequence_len to a multiple of {t}, e.g. "
-            f"{t * max(2 if t == 1 else 1, round(7 / t))}"
+            f"{t * max(2, 7 // t)}"
         )
     b = images.shape[0] // n
     meta = {k: batch[k] for k in ("case_id", "task", "modality") if k in batch}
@@ -122,10 +122,8 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output
     )
     done = {c: prompted(model, feats.select(centre), prompts)}
     recent: dict[int, list[torch.Tensor]] = {1: [], -1: []}
-    for k, before in _order(n):
+    for k in _order(n):
         step = 1 if k > c else -1
-        if before == c:
-            recent[step] = []
         mems = memory_of(recent[step], done[c].memory, memory_frames)  # (n_mem, B, m, h, w)
         per_image = [None] * b if mems is None else list(mems.unbind(1))
         done[k] = propagated(model, feats.select(rows(k)), per_image, meta)
