@@ -136,7 +136,7 @@ def _eval_info(folder: Path, store: str, cfg, processes: int) -> dict:
     )
     info = {"name": folder.name, "weights": str(folder), "store": store, "split": cfg.split}
     info["protocol"] = cfg.prompt
-    if cfg.prompt == "box+clicks":
+    if cfg.prompt.endswith("+clicks"):
         info["clicks"] = cfg.clicks
     info |= {"nsd_tolerance": tol, "max_items_per_task": cfg.max_items, "processes": processes}
     return info
@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("data", nargs="?", help="medbank store (default: the recipe's, or RUN-store)")
     e.add_argument("--split", help="store split to evaluate (default: the recipe's eval.split)")
     e.add_argument("--protocol", choices=EVAL_PROTOCOLS, help="prompt protocol (eval.prompt)")
-    e.add_argument("--clicks", type=int, help="corrective clicks for box+clicks (eval.clicks)")
+    e.add_argument(
+        "--clicks",
+        type=int,
+        help="corrective clicks for box+clicks and slice-box+clicks (eval.clicks)",
+    )
     e.add_argument("--out", help="output folder (default: WEIGHTS/eval-SPLIT-PROTOCOL)")
     e.add_argument("--recipe", help="recipe to evaluate with (default: the saved one)")
     e.add_argument("overrides", nargs="*", help="recipe overrides key=value")

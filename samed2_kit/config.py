@@ -21,7 +21,7 @@ from samed2_kit.prompts import PromptConfig
 from samed2_kit.utils.dataconf import apply_overrides, from_dict, to_dict
 
 __all__ = [
-    "EVAL_PROTOCOLS", "PREDICT_FORMATS", "ContinualConfig", "DataConfig", "EvalConfig", "LossConfig",
+    "EVAL_PROTOCOLS", "PREDICT_FORMATS", "ClicksConfig", "ContinualConfig", "DataConfig", "EvalConfig", "LossConfig",
     "MemoryConfig", "ModelConfig", "Recipe", "StageConfig", "TrainConfig", "apply_overrides",
     "from_dict", "load_recipe", "to_dict",
 ]  # fmt: skip
@@ -58,6 +58,26 @@ TRAIN_STEPS = ("image", "sequence")  # `samed2_kit.engine.steps.STEPS`
 
 
 @dataclass
+class ClicksConfig:
+    """Simulated corrective clicks while training (`samed2_kit.engine.clicks`), as SAM 2's
+    trainer does: after the prediction, a sample (with probability `prob`, drawn per sample) gets
+    `rounds` more decoder passes, each adding one click sampled from its error region (a false
+    negative pixel: positive; a false positive: negative) and taking the previous logits as mask
+    input. train.step=sequence corrects the prompted slice, before propagation starts from it."""
+
+    prob: float = 0.0  # probability that a sample gets corrective rounds (0: off)
+    rounds: int = 3  # corrective clicks (decoder passes) per corrected sample, 1..20
+
+    def __post_init__(self) -> None:
+        p = self.prob
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 <= p <= 1:
+            raise ValueError(f"train.clicks.prob={p!r}: set a probability in [0, 1] (0: off)")
+        r = self.rounds
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_EVAL_CLICKS:
+            raise ValueError(f"train.clicks.rounds={r!r}: set an integer in 1..{MAX_EVAL_CLICKS}")
+
+
+@dataclass
 class TrainConfig:
     mode: str = "full"  # full: encoder + decoder train | decoder: image encoder frozen
     # image: each image (or clip of T slices) decoded with its prompt | sequence: runs of
@@ -65,6 +85,7 @@ class TrainConfig:
     # (its memory attention and memory encoder then train too: freeze group `propagation`)
     step: str = "image"
     memory_frames: int = 6  # sequence: recent results each propagated slice attends to
+    clicks: ClicksConfig = field(default_factory=ClicksConfig)  # simulated corrective clicks
     # what trains, by group (image_encoder, prompt_encoder, mask_decoder, temporal_adapter, lora,
     # prompt_sources, memory, all) or parameter-name regex; overrides `mode` when given
     trainable: list[str] | None = None
@@ -100,7 +121,9 @@ class TrainConfig:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0: off)")
 
 
-EVAL_PROTOCOLS = ("box", "point", "box+clicks", "support", "slice-box")
+# 2D: box, point, box+clicks, support; volumes (`engine.volumes.VOLUME_PROTOCOLS`): the rest
+EVAL_PROTOCOLS = ("box", "point", "box+clicks", "support", "slice-box", "slice-box+clicks",
+                  "box-per-slice")  # fmt: skip
 PREDICT_FORMATS = ("auto", "png", "nifti", "dicom-seg")  # `samed2 predict --format`
 MAX_EVAL_CLICKS = 20
 
@@ -109,10 +132,12 @@ MAX_EVAL_CLICKS = 20
 class EvalConfig:
     """Evaluation protocol (`samed2_kit.engine.evaluate`); values are checked on construction."""
 
-    # box | point | box+clicks (box, then corrective clicks from the errors) | support (few-shot:
-    # no prompt, the task's support examples only; needs a source that reads supports)
+    # 2D: box | point | box+clicks (box, then corrective clicks from the errors) | support
+    # (few-shot: no prompt, the task's support examples only; needs a source that reads supports)
+    # volumes, in 3D: slice-box (key slice's box, propagated) | slice-box+clicks (then clicks in
+    # 3D, re-propagated) | box-per-slice (each slice its box, no propagation)
     prompt: str = "box"
-    clicks: int = 5  # corrective clicks after the box for box+clicks (0..20)
+    clicks: int = 5  # corrective clicks after the box for box+clicks, slice-box+clicks (0..20)
     nsd_tolerance_mm: float = 2.0  # NSD tolerance in mm for modalities not listed below
     nsd_tolerance_by_modality: dict[str, float] = field(default_factory=dict)  # {ct: 1.0, us: 2.0}
     split: str = "test"

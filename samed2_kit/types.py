@@ -70,6 +70,7 @@ class SAMed2Output:
     encoder_features: ImageFeatures | None = None
     source_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     prompts: Prompts | None = None
+    rounds: list = field(default_factory=list)  # training's corrective passes (`engine.clicks`)
 
 
 @dataclass

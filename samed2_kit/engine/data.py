@@ -104,16 +104,44 @@ def store_dataset(recipe, store: str, tasks: list[str] | None, seed: int):
     from samed2_kit.medbank.dataset import StoreDataset
 
     d = recipe.data
-    return StoreDataset(
+    sequences = recipe.train.step == "sequence"
+    ds = StoreDataset(
         store,
         split=d.train_split,
-        clip_len=d.sequence_len if recipe.train.step == "sequence" else d.clip_len,
+        clip_len=d.sequence_len if sequences else d.clip_len,
         image_size=recipe.model.image_size,
         prompt=d.prompt,
         seed=seed,
         augment=d.augment,
         tasks=tasks,
     )
+    if sequences:
+        check_sequences(ds, d.sequence_len)
+    return ds
+
+
+def check_sequences(ds, n: int) -> None:
+    """A clear error when runs of `n` slices cannot come from `ds`'s volumes: a store of 2D
+    images, or volumes with fewer than `n` slices (their runs would repeat edge slices)."""
+    import numpy as np
+
+    from samed2_kit.medbank.store import open_store
+
+    images = open_store(ds.store_dir)[1].select_columns(["num_slices"])
+    num = np.asarray(images["num_slices"])[np.asarray(ds.column("image_row"), dtype=np.int64)]
+    if (num <= 1).all():
+        raise ValueError(
+            f"train.step=sequence trains on runs of slices, but store {ds.store_dir} holds 2D "
+            "images only: use train.step=image, or build the store from volumes (NIfTI, NRRD, "
+            "DICOM series)"
+        )
+    thin = sorted({c for c, k in zip(ds.column("case_id"), num, strict=True) if k < n})
+    if thin:
+        raise ValueError(
+            f"data.sequence_len={n} is longer than {len(thin)} volume(s) of store {ds.store_dir} "
+            f"(e.g. {', '.join(thin[:3])}: {int(num.min())} slices at least): set "
+            f"data.sequence_len <= {int(num.min())}, or leave those cases out of the spec"
+        )
 
 
 def make_loader(dataset: EpochIndexed, recipe, rank: int, world: int, start: int):

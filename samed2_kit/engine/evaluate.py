@@ -30,35 +30,24 @@ items[rank::world] and all processes return every row, once, in input order.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 
 from samed2_kit.config import EVAL_PROTOCOLS as PROTOCOLS
 from samed2_kit.config import EvalConfig
+from samed2_kit.engine.click_rule import (  # noqa: F401  (re-exported: the click rule)
+    Click,
+    corrective_click,
+    dice,
+    dice_auc,
+    innermost_pixel,
+    largest_error,
+)
 from samed2_kit.engine.rows import CaseRow, limit_per_task
 
 METRICS = ("dice", "nsd", "hd95", "box_dice", "box_nsd", "box_hd95")
-
-
-@dataclass(frozen=True)
-class Click:
-    """A click at pixel (x, y) = (column, row) of the original image; positive = foreground."""
-
-    x: int
-    y: int
-    positive: bool
-
-
-def innermost_pixel(mask: np.ndarray) -> tuple[int, int]:
-    """(y, x) of the pixel of `mask` (H, W) bool farthest from its border (outside the image
-    counts as border); the first in raster order on ties."""
-    from scipy import ndimage
-
-    dist = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return int(y), int(x)
 
 
 def gt_prompt(mask: np.ndarray, protocol: str) -> dict:
@@ -74,45 +63,6 @@ def gt_prompt(mask: np.ndarray, protocol: str) -> dict:
         return {}
     y, x = innermost_pixel(mask)
     return {"point_coords": np.array([[x, y]], np.float32), "point_labels": np.array([1])}
-
-
-def corrective_click(pred: np.ndarray, gt: np.ndarray) -> Click | None:
-    """The next corrective click for prediction `pred` against `gt` (both (H, W) bool), or None
-    when they agree. See the module docstring for the rule."""
-    from scipy import ndimage
-
-    best = None  # (size, positive, component mask within its bounding box, offset)
-    for positive, error in ((True, gt & ~pred), (False, pred & ~gt)):
-        labels, n = ndimage.label(error)
-        if n == 0:
-            continue
-        sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
-        k = int(np.argmax(sizes))  # labels follow raster order: the first largest
-        if best is None or sizes[k] > best[0]:
-            box = ndimage.find_objects(labels, max_label=k + 1)[k]
-            best = (sizes[k], positive, labels[box] == k + 1, (box[0].start, box[1].start))
-    if best is None:
-        return None
-    _, positive, component, (y0, x0) = best
-    y, x = innermost_pixel(component)
-    return Click(x0 + x, y0 + y, positive)
-
-
-def dice_auc(curve: list[float]) -> float:
-    """Trapezoid area under Dice d_0..d_K against click number 0..K, divided by K (in [0, 1]);
-    d_0 when K = 0; nan for an empty curve."""
-    d = np.asarray(curve, dtype=float)
-    if d.size == 0:
-        return float("nan")
-    if d.size == 1:
-        return float(d[0])
-    return float((d.sum() - (d[0] + d[-1]) / 2) / (d.size - 1))
-
-
-def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Dice of two (H, W) bool masks; 1 when both are empty."""
-    total = int(pred.sum()) + int(gt.sum())
-    return 1.0 if total == 0 else 2.0 * int((pred & gt).sum()) / total
 
 
 def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
@@ -158,7 +108,9 @@ def evaluate_item(predictor, item, cfg: EvalConfig) -> tuple[CaseRow, np.ndarray
     image, gt = item.load()
     if not gt.any():
         return None
-    predictor.set_image(image, modality=item.intensity, window=item.window)
+    t = getattr(predictor, "clip_len", 1)  # temporal models see the clip they trained on
+    clip = {"neighbors": item.load_clip(t)} if t > 1 and getattr(item, "load_clip", None) else {}
+    predictor.set_image(image, modality=item.intensity, window=item.window, **clip)
     box = gt_prompt(gt, "box")["box"]
     curve: list[float] = []
     if cfg.prompt == "box+clicks":
@@ -173,6 +125,7 @@ def evaluate_item(predictor, item, cfg: EvalConfig) -> tuple[CaseRow, np.ndarray
         item.sample_id, item.case_id, item.task, item.label, item.modality,
         m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95,
         click_dice=curve, dice_auc=dice_auc(curve) if curve else float("nan"),
+        unit="mm" if getattr(item, "spacing_known", True) else "px",
     )  # fmt: skip
     return row, pred
 
@@ -308,10 +261,13 @@ def gain_interval(rows: list[CaseRow], resamples: int = 2000, seed: int = 0) -> 
 
 
 def aggregate(rows: list[CaseRow]) -> dict:
-    """Nan-ignoring means of one group: n, dice, nsd, hd95 (mm), box_*, `cases` and
+    """Nan-ignoring means of one group: n, dice, nsd, hd95 (in `unit`: "mm", or "px" for data
+    without a pixel size, "mm+px" for a mix), box_*, `cases` and
     `gain_ci95` (`gain_interval` of dice - box_dice); for box+clicks also the mean per-click
     curve `click_dice` (K + 1 values) and the mean `dice_auc`."""
-    out: dict = {"n": len(rows), "cases": len({r.case_id for r in rows})}
+    units = sorted({r.unit for r in rows})
+    out: dict = {"n": len(rows), "cases": len({r.case_id for r in rows}),
+                 "unit": units[0] if len(units) == 1 else "+".join(units)}  # fmt: skip
     for key in METRICS:
         out[key] = _mean(getattr(r, key) for r in rows)
     out["gain_ci95"] = gain_interval(rows)

@@ -25,13 +25,18 @@ class EvalItem:
     intensity: str = "2d"
     window: tuple[float, float] | None = None
     modality: str = "unknown"
+    spacing_known: bool = True  # False: spacing is 1 per pixel, distances in px
+    # load_clip(T) -> (T, H, W[, 3]) the T adjacent slices around the image (the image at T // 2),
+    # for models with temporal adapters; None: the image alone
+    load_clip: Callable[[int], np.ndarray] | None = None
 
 
 def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[EvalItem]:
     """From a medbank store split: images are stored preprocessed (8-bit), masks 0/255."""
-    from samed2_kit.medbank.store import open_store
+    from samed2_kit.medbank.store import open_store, spacing_unknown
 
-    _, images, samples = open_store(store)
+    manifest, images, samples = open_store(store)
+    unknown = spacing_unknown(manifest)
     cols = samples.select_columns(["split", "task", "mask_area"])
     rows = [
         i for i, r in enumerate(cols)
@@ -40,7 +45,7 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
     if not rows:
         raise ValueError(_no_items_message(store, split, tasks, cols))
     meta = samples.select(rows).select_columns(
-        ["image_row", "case_id", "task", "label", "slice_index", "spacing", "modality"]
+        ["image_row", "case_id", "task", "label", "slice_index", "spacing", "modality", "neighbors"]
     )
 
     def loader(sample_row: int, image_row: int):
@@ -51,13 +56,28 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
 
         return load
 
+    def clip_loader(neighbors: list[int], where: str):
+        def load_clip(t: int) -> np.ndarray:
+            start = len(neighbors) // 2 - t // 2
+            if start < 0:
+                raise ValueError(
+                    f"store {store}, {where}: the store keeps {len(neighbors) // 2} neighbouring "
+                    f"slices on each side, the model's clips need {t // 2}: rebuild the store "
+                    f"with clip_radius >= {t // 2}"
+                )
+            return np.stack([np.asarray(images[r]["image"]) for r in neighbors[start : start + t]])
+
+        return load_clip
+
     out = []
     for row, m in zip(rows, meta, strict=True):
         # the sample row makes ids unique where one case has several 2D images (hc18 010, 010_2)
         sid = f"{m['case_id']}#{m['label']}@{m['slice_index']}/{row}"
         out.append(
             EvalItem(sid, m["case_id"], m["task"], m["label"], tuple(m["spacing"][1:]),
-                     loader(row, m["image_row"]), modality=m["modality"])
+                     loader(row, m["image_row"]), modality=m["modality"],
+                     load_clip=clip_loader(m["neighbors"], sid),
+                     spacing_known=m["case_id"] not in unknown)
         )  # fmt: skip
     return out
 

@@ -104,15 +104,19 @@ def metrics_table(groups: dict[str, dict], first: str = "task") -> list[str]:
     """Markdown table lines, one row per group of `evaluate.summarize`; with Dice AUC and the
     final Dice for box+clicks groups (those with a `click_dice` curve)."""
     clicks = any("click_dice" in s for s in groups.values())
+    units = {s.get("unit", "mm") for s in groups.values()}
+    unit = units.pop() if len(units) == 1 else None  # else each cell names its unit
     head = f"| {first} | n | " + ("Dice AUC | final Dice" if clicks else "Dice")
-    head += " | box Dice | gain [95% CI, by case] | NSD | box NSD | HD95 mm | box HD95 mm |"
+    hd = f"HD95 {unit}" if unit else "HD95"
+    head += f" | box Dice | gain [95% CI, by case] | NSD | box NSD | {hd} | box {hd} |"
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     for name, s in groups.items():
         auc = f"{_fmt(s.get('dice_auc', float('nan')))} | " if clicks else ""
+        u = "" if unit else f" {s.get('unit', 'mm')}"
         lines.append(
             f"| {name} | {s['n']} | {auc}{_fmt(s['dice'])} | {_fmt(s['box_dice'])} | "
-            f"{gain_text(s)} | {_fmt(s['nsd'])} | {_fmt(s['box_nsd'])} | {_fmt(s['hd95'])} | "
-            f"{_fmt(s['box_hd95'])} |"
+            f"{gain_text(s)} | {_fmt(s['nsd'])} | {_fmt(s['box_nsd'])} | {_fmt(s['hd95'])}{u} | "
+            f"{_fmt(s['box_hd95'])}{u} |"
         )
     return lines
 
@@ -133,12 +137,33 @@ PROTOCOL_TEXT = {
     "box+clicks": "box+clicks: the tight box, then up to {k} corrective clicks, each at the "
     "centre of the largest error region; Dice AUC = area under Dice vs click 0..{k}, "
     "divided by {k}",
+    "slice-box": "slice-box (3D, per volume): the tight box on the key slice (largest area), "
+    "propagated both ways through the volume",
+    "slice-box+clicks": "slice-box+clicks (3D, per volume): slice-box, then up to {k} corrective "
+    "clicks at the centre of the largest 3D error region, each re-propagated from its slice; "
+    "Dice AUC = area under 3D Dice vs click 0..{k}, divided by {k}",
+    "box-per-slice": "box-per-slice (3D, per volume): each slice with the object prompted with "
+    "its own tight box, no propagation",
 }
 
 
 def protocol_text(protocol: str, clicks: int | None = None) -> str:
     """One line describing the prompt protocol (K corrective clicks for box+clicks)."""
     return PROTOCOL_TEXT.get(protocol, protocol).format(k="K" if clicks is None else clicks)
+
+
+def baseline_text(protocol: str, summary: dict) -> str:
+    """What the baseline columns are, and the units of the distances."""
+    from samed2_kit.engine.volumes import VOLUME_PROTOCOLS
+
+    if protocol in VOLUME_PROTOCOLS:
+        base = "Box baseline = the key slice's box extruded over the slices holding the object."
+    else:
+        base = "Box baseline = the prompt box filled as the mask."
+    unit = summary["overall"].get("unit", "mm")
+    units = {"mm": "in mm", "px": "in pixels (the data gave no pixel size)"}
+    where = units.get(unit, "in mm, or in pixels for data without a pixel size (see `unit`)")
+    return f"{base} NSD at the stated tolerance, HD95: {where}."
 
 
 def markdown(
@@ -156,7 +181,7 @@ def markdown(
         f"## Held-out metrics (prompt protocol: {protocol})",
         "",
         f"Protocol {protocol_text(protocol, info.get('eval_clicks'))}.",
-        "Box baseline = the prompt box filled as the mask. NSD at the stated tolerance; HD95 in mm.",
+        baseline_text(protocol, summary),
         "",
     ]
     lines += metrics_table({**summary["per_task"], "**all**": summary["overall"]})
@@ -190,8 +215,10 @@ def eval_markdown(summary: dict, info: dict, click_curve: str | None = None) -> 
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "name"]
     lines += [
         "",
-        f"Protocol {protocol_text(protocol, info.get('clicks'))}. Box baseline = the prompt box "
-        "filled as the mask. NSD at the tolerance of each modality; HD95 in mm.",
+        f"Protocol {protocol_text(protocol, info.get('clicks'))}. "
+        + baseline_text(protocol, summary).replace(
+            "stated tolerance", "tolerance of each modality"
+        ),
         "",
         "## Per task",
         "",

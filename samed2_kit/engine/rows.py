@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class CaseRow:
-    """One evaluated sample. hd95 in mm; click_dice: Dice after the box and after each corrective
-    click (box+clicks only, else empty); dice_auc: its normalised area (nan when not box+clicks)."""
+    """One evaluated sample. hd95 in `unit` (mm; px for data without a pixel size);
+    click_dice: Dice after the box and after each corrective click (box+clicks and
+    slice-box+clicks only, else empty); dice_auc: its normalised area (else nan)."""
 
     sample_id: str
     case_id: str
@@ -23,6 +24,7 @@ class CaseRow:
     box_hd95: float
     click_dice: list[float] = field(default_factory=list)
     dice_auc: float = float("nan")
+    unit: str = "mm"  # of hd95 and the NSD tolerance: "px" where the data gave no pixel size
 
 
 def limit_per_task(items: list, max_items: int | None) -> list:

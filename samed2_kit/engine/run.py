@@ -92,7 +92,8 @@ def validation(recipe: Recipe, store: str, tasks: list[str] | None):
     t = recipe.train
     if not t.val_every:
         return None
-    prompt = "box" if recipe.eval.prompt == "box+clicks" else recipe.eval.prompt
+    # validation skips the clicks: the box (2D) or key-slice box (3D) alone
+    prompt = recipe.eval.prompt.removesuffix("+clicks")
     cfg = dataclasses.replace(recipe.eval, prompt=prompt, split=t.val_split,
                               max_items=t.val_max_items or None)  # fmt: skip
     items = ev.eval_items(store, cfg, tasks)  # a clear error when the split is absent
@@ -121,7 +122,7 @@ def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) 
         "data": f"store {store}: {result.train_samples} training samples "
         f"(split {recipe.data.train_split}), {n_eval} held-out (split {recipe.eval.split})",
         "eval_prompt": recipe.eval.prompt,
-        **({"eval_clicks": recipe.eval.clicks} if recipe.eval.prompt == "box+clicks" else {}),
+        **({"eval_clicks": recipe.eval.clicks} if recipe.eval.prompt.endswith("+clicks") else {}),
         "nsd_tolerance_mm": recipe.eval.nsd_tolerance_mm,
     }
 

@@ -48,32 +48,68 @@ class StepResult:
 
 def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
     """The training step on images (or clips of T adjacent slices), one prompt per image: one
-    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`."""
+    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`;
+    with `train.clicks`, also the corrective rounds' (`engine.clicks`)."""
+    from samed2_kit.engine.clicks import round_loss
+
     prompts = batch_prompts(batch, recipe.data.prompt.mode)
     meta = {k: batch[k] for k in ("case_id", "task", "modality")}
-    out = model(batch["image"], prompts, recipe.train.multimask, batch["clip_len"], meta,
-                **_support_kwargs(batch))  # fmt: skip
+    if recipe.train.clicks.prob > 0:
+        if "support_image" in batch:
+            raise ValueError("train.clicks does not take few-shot episodes: set "
+                             "train.clicks.prob=0 or data.episodes=false")  # fmt: skip
+        run = functools.partial(_clicked_forward, prompts=prompts, recipe=recipe, meta=meta)
+        out = model(batch, run=run)
+    else:
+        out = model(batch["image"], prompts, recipe.train.multimask, batch["clip_len"], meta,
+                    **_support_kwargs(batch))  # fmt: skip
     loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
                    out.source_logits)  # fmt: skip
-    return StepResult(loss, out, meta)
+    return StepResult(round_loss(loss_fn, loss, out.rounds, batch["mask"]), out, meta)
+
+
+def _clicked_forward(model, batch: dict, prompts: Prompts, recipe: Recipe, meta: dict):
+    """model.forward's encode + decode, then the corrective rounds on the same features."""
+    from samed2_kit.engine.clicks import chosen_mask, correct
+    from samed2_kit.utils.meta import per_image
+
+    feats = model.encode(batch["image"], batch["clip_len"], meta)
+    out = model.decode(feats, prompts, recipe.train.multimask, meta)
+    n = feats.image_embed.shape[0]
+    row_meta = {k: per_image(v, n) for k, v in meta.items()}
+
+    def decode(index: torch.Tensor, p: Prompts):
+        rows = index.tolist()
+        sub = {k: None if v is None else [v[i] for i in rows] for k, v in row_meta.items()}
+        res = model.decode(feats.select(index), p, False, sub)
+        return res.low_res_logits, res.iou, res.object_score_logits
+
+    first = chosen_mask(out.low_res_logits, out.iou)
+    out.rounds = correct(decode, first, prompts, batch["mask"], batch["seed"].tolist(),
+                         recipe.train.clicks, int(batch["clip_len"]))  # fmt: skip
+    return out
 
 
 def sequence_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
     """Training on clips of N consecutive slices of one object (`data.clip_len` = N): the centre
-    slice prompted, the others propagated from it through SAM 2's memory path, exactly as
-    `propagate_volume` does at inference (`samed2_kit.volume.sequence`); the loss on every slice
-    (the decoder's logits; an absent object is the object-score term's)."""
+    slice prompted (and corrected with `train.clicks`), the others propagated from it through SAM 2's
+    memory path, exactly as `propagate_volume` does at inference (`samed2_kit.volume.sequence`);
+    the loss on every slice and corrective pass (the decoder's logits; an absent object is the
+    object-score term's)."""
     from samed2_kit.volume.sequence import sequence_forward
 
     if recipe.data.episodes:
         raise ValueError(
             "train.step=sequence does not take few-shot episodes: set data.episodes=false"
         )
-    run = functools.partial(sequence_forward, memory_frames=recipe.train.memory_frames)
+    from samed2_kit.engine.clicks import round_loss
+
+    run = functools.partial(sequence_forward, memory_frames=recipe.train.memory_frames,
+                            clicks=recipe.train.clicks)  # fmt: skip
     out = model(batch, run=run)
     meta = {k: batch[k] for k in ("case_id", "task", "modality")}
     loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"], {})
-    return StepResult(loss, out, meta)
+    return StepResult(round_loss(loss_fn, loss, out.rounds, batch["mask"]), out, meta)
 
 
 # kinds of training step, by name (`train.step` of a recipe); a step is called as

@@ -6,6 +6,18 @@ volume's slices. The baseline of every row is that box extruded over the slices 
 object is present (what a reader gets from the box alone). Dice, NSD and HD95 are computed on
 the (Z, H, W) masks with the (z, y, x) spacing in mm (`metrics.case_metrics`).
 
+Protocol `slice-box+clicks`: then up to K corrective clicks (`eval.clicks`) placed in 3D: at
+the innermost voxel (distances in mm) of the largest face-connected error region of the volume
+(false negatives first on equal sizes), positive on a false negative, negative on a false
+positive; the click joins the prompt of its slice (with the box on the key slice), and the whole
+volume is propagated again from every prompted slice (a slice between two takes the nearer one's
+pass). The row holds the 3D Dice after the box and after every click and its normalised area
+(`dice_auc`, the CVPR 2025 interactive 3D challenge's protocol), and the final metrics.
+
+Protocol `box-per-slice`: every slice where the object is present gets its own tight box and is
+decoded from its clip of T slices, without propagation (the temporal adapter's own evaluation);
+the other slices stay empty.
+
 Volumes come from a medbank store: per (case, label), the slices stored for the case (the
 object's slices and `clip_radius` slices around them), as the 8-bit images training saw, with
 the object's masks (empty where the store has none). A store of 2D images has no volumes.
@@ -17,8 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-
-VOLUME_PROTOCOLS = ("slice-box",)
 
 
 @dataclass
@@ -37,6 +47,7 @@ class VolumeItem:
     intensity: str = "2d"  # the stored slices are 8-bit, as training saw them
     window: tuple[float, float] | None = None
     key: int | None = None  # the key slice (row of the volume), set by `load`
+    spacing_known: bool = True  # False: spacing is 1 per pixel, distances in px
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """The key slice (image, mask): what 2D reports (overlays) show of a volume."""
@@ -72,9 +83,9 @@ def _contiguous(zs: list[int], around: int) -> list[int]:
 
 def volumes_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[VolumeItem]:
     """Every (case, label) of `split` as a VolumeItem (see the module docstring)."""
-    from samed2_kit.medbank.store import open_store
+    from samed2_kit.medbank.store import open_store, spacing_unknown
 
-    _, images, samples = open_store(store)
+    manifest, images, samples = open_store(store)
     names = ["split", "task", "case_id", "label", "slice_index", "mask_area"]
     cols = samples.select_columns(names).to_dict()
     objects: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
@@ -92,9 +103,13 @@ def volumes_from_store(store: str, split: str, tasks: list[str] | None = None) -
             f"store {store} holds 2D images only, so it has no volumes: use a 2D protocol "
             "(box, point, box+clicks) or build the store from NIfTI/NRRD/DICOM volumes"
         )
-    return [
+    unknown = spacing_unknown(manifest)
+    items = [
         _item(images, samples, key, rows, slices[key[0]]) for key, rows in sorted(objects.items())
     ]
+    for it in items:
+        it.spacing_known = it.case_id not in unknown
+    return items
 
 
 def _item(images, samples, key, found: dict[int, tuple[int, int]], slices: dict[int, int]):
@@ -119,13 +134,67 @@ def _item(images, samples, key, found: dict[int, tuple[int, int]], slices: dict[
                       tuple(float(v) for v in first["spacing"]), zs[0], load)  # fmt: skip
 
 
-def evaluate_volume(model, item: VolumeItem, cfg) -> tuple:
-    """One VolumeItem under `slice-box`: (CaseRow, predicted (Z, H, W) bool); None when the
-    object is absent from every slice."""
-    from samed2_kit.engine.rows import CaseRow
-    from samed2_kit.metrics import case_metrics
+def _slice_box(model, images, gt, box, z, cfg, spacing):
+    """`slice-box`: the key slice's box, propagated both ways; no click curve."""
+    from samed2_kit.prompts import Prompt
+    from samed2_kit.volume import propagate_volume
+
+    return propagate_volume(model, images, {z: Prompt(box=box)}, modality="2d"), []
+
+
+def _slice_box_clicks(model, images, gt, box, z, cfg, spacing):
+    """`slice-box+clicks`: `slice-box`, then up to `cfg.clicks` corrective clicks in 3D, each
+    re-propagating from its slice; the 3D Dice after the box and after every click."""
+    from samed2_kit.engine.click_rule import dice, largest_error
+    from samed2_kit.prompts import Prompt
+    from samed2_kit.volume import propagate_volume
+
+    prompts = {z: {"box": box}}
+    pred = propagate_volume(model, images, {z: Prompt(box=box)}, modality="2d")
+    curve = [dice(pred, gt)]
+    for _ in range(cfg.clicks):
+        found = largest_error(pred, gt, spacing)
+        if found is None:  # nothing left to correct: the last Dice holds
+            curve += [curve[-1]] * (cfg.clicks + 1 - len(curve))
+            break
+        (zc, y, x), positive = found
+        p = prompts.setdefault(zc, {})
+        p["points"] = [*p.get("points", []), (x, y)]
+        p["labels"] = [*p.get("labels", []), int(positive)]
+        asked = {k: Prompt(box=v.get("box"), points=np.array(v["points"], np.float32)
+                           if "points" in v else None,
+                           labels=np.array(v["labels"]) if "labels" in v else None)
+                 for k, v in prompts.items()}  # fmt: skip
+        pred = propagate_volume(model, images, asked, modality="2d")
+        curve.append(dice(pred, gt))
+    return pred, curve
+
+
+def _box_per_slice(model, images, gt, box, z, cfg, spacing):
+    """`box-per-slice`: every slice where the object is present gets its own tight box,
+    decoded from its clip of T slices, without propagation; the other slices stay empty."""
     from samed2_kit.prompts import Prompt, box_from_mask
     from samed2_kit.volume import propagate_volume
+
+    prompts = {k: Prompt(box=box_from_mask(gt[k])) for k in np.flatnonzero(gt.any(axis=(1, 2)))}
+    return propagate_volume(model, images, prompts, modality="2d", direction="none"), []
+
+
+# volume protocols, by name (`eval.prompt`): f(model, images (Z, H, W) uint8, gt (Z, H, W) bool,
+# key box (4,), key slice z, EvalConfig, spacing (z, y, x) mm) -> (prediction (Z, H, W) bool,
+# the per-click 3D Dice curve or [])
+VOLUME_PROTOCOLS = {"slice-box": _slice_box, "slice-box+clicks": _slice_box_clicks,
+                    "box-per-slice": _box_per_slice}  # fmt: skip
+
+
+def evaluate_volume(model, item: VolumeItem, cfg) -> tuple:
+    """One VolumeItem under `cfg.prompt` (a VOLUME_PROTOCOLS name): (CaseRow, predicted
+    (Z, H, W) bool); None when the object is absent from every slice. The row's baseline is the
+    key slice's box extruded over the slices where the object is present."""
+    from samed2_kit.engine.click_rule import dice_auc
+    from samed2_kit.engine.rows import CaseRow
+    from samed2_kit.metrics import case_metrics
+    from samed2_kit.prompts import box_from_mask
 
     images, gt = item.load_volume()
     if images.ndim != 3:
@@ -135,12 +204,14 @@ def evaluate_volume(model, item: VolumeItem, cfg) -> tuple:
         return None
     z = key_slice(gt)
     box = box_from_mask(gt[z])
-    pred = propagate_volume(model, images, {z: Prompt(box=box)}, modality="2d")
+    pred, curve = VOLUME_PROTOCOLS[cfg.prompt](model, images, gt, box, z, cfg, item.spacing)
     tol = cfg.nsd_tolerance(item.modality)
     m = case_metrics(pred, gt, item.spacing, tol)
     b = case_metrics(extruded_box(gt, box), gt, item.spacing, tol)
     row = CaseRow(item.sample_id, item.case_id, item.task, item.label, item.modality,
-                  m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95)  # fmt: skip
+                  m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95, click_dice=curve,
+                  dice_auc=dice_auc(curve) if curve else float("nan"),
+                  unit="mm" if item.spacing_known else "px")  # fmt: skip
     return row, pred
 
 

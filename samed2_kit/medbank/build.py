@@ -158,7 +158,8 @@ def _add_source(
     from samed2_kit.medbank.pairs import split_by_case
 
     info = {"name": src.name, "layout": src.layout, "root": src.root, "modality": src.modality,
-            "task": src.task, "licence": src.licence, "cases": 0, "samples": 0, "skipped": 0}  # fmt: skip
+            "task": src.task, "licence": src.licence, "cases": 0, "samples": 0, "skipped": 0,
+            "spacing_unknown": []}  # fmt: skip
     counts: Counter = Counter()
     try:
         refs, skipped = enumerate_cases(src)
@@ -188,7 +189,10 @@ def _add_source(
             info["skipped"] += 1
             continue
         split = split_of[ref.key]
-        n = _write_case(sliced, ref, src, f"{src.name}/{ref.case_id}", split, spec, images, samples)
+        case_id = f"{src.name}/{ref.case_id}"
+        n = _write_case(sliced, ref, src, case_id, split, spec, images, samples)
+        if not sliced.spacing_known and case_id not in info["spacing_unknown"]:
+            info["spacing_unknown"].append(case_id)  # its metrics are in pixels
         n_slices += len(sliced.images)
         info["cases"] += 1
         info["samples"] += n

@@ -21,11 +21,13 @@ class SlicedCase:
 
     images: (N, H, W) or (N, H, W, 3) uint8; spacing: (slice, row, col) mm.
     samples: (label_id, name, slice k, mask (H, W) bool) for every kept (label, slice).
+    spacing_known: False when the source gave no pixel size (spacing is then 1 per pixel).
     """
 
     images: np.ndarray
     spacing: tuple[float, float, float]
     samples: list[tuple[int, str, int, np.ndarray]]
+    spacing_known: bool = True
 
 
 def align_labels(labels: Volume, image: Volume, atol: float = 1e-2) -> Volume:
@@ -72,7 +74,8 @@ def load_case(ref: CaseRef, src: SourceSpec, names: dict[int, str]) -> tuple[Vol
     if ref.kind == "masks":
         img = read_image(ref.image)
         sy, sx = ref.spacing_yx or (1.0, 1.0)
-        vol = Volume(img[None], (1.0, sy, sx), meta={"source": ref.image})
+        vol = Volume(img[None], (1.0, sy, sx),
+                     meta={"source": ref.image, "spacing_known": ref.spacing_yx is not None})  # fmt: skip
         segs = []
         for i, (label, path) in enumerate(ref.masks, start=1):
             m = read_mask(path)
@@ -146,4 +149,4 @@ def slice_case(vol: Volume, segs: list[Segment], src: SourceSpec, seed: int) -> 
         for k in sorted(keep):
             m = masks[k] if area[k] >= src.min_area else np.zeros_like(masks[k])
             samples.append((seg.label_id, seg.name, k, m))
-    return SlicedCase(images, spacing, samples)
+    return SlicedCase(images, spacing, samples, bool(vol.meta.get("spacing_known", True)))

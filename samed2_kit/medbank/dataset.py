@@ -112,7 +112,9 @@ class StoreDataset(torch.utils.data.Dataset):
     {0, 1}; ``box`` (4,) float32 xyxy in S-space (zeros unless ``has_box``); ``points`` (N, 2)
     float32 xy in S-space; ``point_labels`` (N,) int64; ``orig_hw`` (H, W) of the stored image;
     ``spacing`` (z, y, x) mm; ``slice_index`` of the centre; ``case_id``, ``sample_id``
-    (``"{case_id}#{label}@{slice_index}"``), ``task``, ``label``, ``modality``.
+    (``"{case_id}#{label}@{slice_index}"``), ``task``, ``label``, ``modality``; ``seed`` an
+    int drawn from rng ``[seed, epoch, i, 2]``: the item's own stream (training's corrective
+    clicks, `engine.clicks`).
     """
 
     def __init__(
@@ -213,6 +215,7 @@ class StoreDataset(torch.utils.data.Dataset):
             "case_id": s["case_id"], "task": s["task"], "label": s["label"],
             "sample_id": f"{s['case_id']}#{s['label']}@{s['slice_index']}",
             "modality": s["modality"], "slice_index": int(s["slice_index"]),
+            "seed": int(np.random.default_rng([self.seed, self.epoch, i, 2]).integers(2**62)),
         }  # fmt: skip
 
 
@@ -222,7 +225,7 @@ def collate_clips(batch: Sequence[dict]) -> dict:
     each clip's prompt repeated over its slices: ``box`` (B*T, 4), ``has_box`` (B*T,),
     ``points`` (B*T, N, 2) and ``point_labels`` (B*T, N), padded to the largest N with label -1;
     per clip: ``orig_hw`` (B, 2) int64, ``spacing`` (B, 3) float64 mm, ``slice_index`` (B,)
-    int64 (centre slices), strings as lists of length B; ``clip_len`` T (int). With T = 1 the
+    int64 (centre slices), ``seed`` (B,) int64 (the clip's own random stream), strings as lists of length B; ``clip_len`` T (int). With T = 1 the
     keys of ``pair_dataset.collate`` have its shapes (``spacing`` has 3 values, not 2)."""
     t = int(batch[0]["image"].shape[0])
     if any(b["image"].shape[0] != t for b in batch):
@@ -234,6 +237,7 @@ def collate_clips(batch: Sequence[dict]) -> dict:
     for key in ("box", "has_box", "points", "point_labels"):
         out[key] = out[key].repeat_interleave(t, dim=0)
     out["slice_index"] = torch.tensor([b["slice_index"] for b in batch], dtype=torch.int64)
+    out["seed"] = torch.tensor([b["seed"] for b in batch], dtype=torch.int64)
     out["clip_len"] = t
     if "support_image" in batch[0]:  # few-shot episodes (`engine.episodes`)
         for key in ("support_image", "support_mask"):

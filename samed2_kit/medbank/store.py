@@ -143,3 +143,9 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
         res.problems.append(f"counts differ from manifest.json: store {dict(counted)} vs {want}")
     res.checked = {"images": len(images), "samples": len(samples), "cases": len(case_split)}
     return res
+
+
+def spacing_unknown(manifest: dict) -> set[str]:
+    """Case ids whose pixel size the sources did not give (spacing 1 per original pixel): their
+    distances are in pixels, not mm. Stores built before this was recorded: none."""
+    return {c for src in manifest.get("sources", []) for c in src.get("spacing_unknown", [])}

@@ -45,6 +45,11 @@ class Predictor:
         self.encoder_calls = 0  # how many times the image encoder ran (tests check the cache)
 
     @property
+    def clip_len(self) -> int:
+        """T slices per encoder clip: > 1 for a model with temporal adapters (see `set_image`)."""
+        return int(self.model.spec.clip_len)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -54,6 +59,7 @@ class Predictor:
         image: np.ndarray,
         modality: str = "auto",
         window: tuple[float, float] | None = None,
+        neighbors: np.ndarray | None = None,
     ) -> None:
         """Encode `image` once.
 
@@ -62,6 +68,10 @@ class Predictor:
             modality: "auto", "ct" (window by level/width in HU), "mr" (percentile clip) or "2d"
                 (as is); see `samed2_kit.medbank.preprocess.normalize_intensity`.
             window: CT (level, width) in HU, default (40, 400).
+            neighbors: for a model with temporal adapters (T = `model.spec.clip_len` > 1), the
+                clip of T adjacent slices the image is the centre of ((T, H, W[, 3]), the image
+                at position T // 2), each slice's intensity handled like the image. None: the
+                image repeated T times (the clip a 2D image has in training). Ignored at T = 1.
         """
         from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
 
@@ -71,10 +81,13 @@ class Predictor:
                 f"set_image: expected (H, W) or (H, W, 3) array, got shape {image.shape}; "
                 "for a volume, pass one slice (volume[z])"
             )
-        rgb01 = normalize_intensity(image, modality=modality, window=window)
-        x = to_model_input(rgb01, self.model.image_size)[None].to(self.device)
+        t = self.clip_len
+        clip = [image] * t if neighbors is None or t == 1 else _check_clip(neighbors, image, t)
+        size = self.model.image_size
+        x = torch.stack([to_model_input(normalize_intensity(c, modality=modality, window=window),
+                                        size) for c in clip]).to(self.device)  # fmt: skip
         self.model.eval()
-        self._features = self.model.encode(x)
+        self._features = self.model.encode(x, clip_len=t).select(slice(t // 2, t // 2 + 1))
         self._orig_hw = image.shape[:2]
         self.encoder_calls += 1
 
@@ -233,3 +246,15 @@ def max_supports(model) -> tuple[float, str | None]:
         if kind.max_supports is not None:
             limits.append((kind.max_supports(module), name))
     return min(limits) if limits else (float("inf"), None)
+
+
+def _check_clip(neighbors, image: np.ndarray, t: int) -> list[np.ndarray]:
+    """The T slices of `neighbors` as a list, after checking they fit `image` (the centre)."""
+    clip = np.asarray(neighbors)
+    if clip.ndim != image.ndim + 1 or len(clip) != t or clip.shape[1:3] != image.shape[:2]:
+        raise ValueError(
+            f"set_image: neighbors has shape {clip.shape}; this model's temporal adapters take "
+            f"clips of T={t} slices: give ({t}, {image.shape[0]}, {image.shape[1]}"
+            f"{', 3' if image.ndim == 3 else ''}) with the image at position {t // 2}, or None"
+        )
+    return list(clip)

@@ -47,7 +47,7 @@ from samed2_kit.types import ImageFeatures, Prompts
 from samed2_kit.utils.modes import evaluation
 from samed2_kit.volume.sequence import memory_of, prompted, propagated
 
-DIRECTIONS = ("both", "up", "down")
+DIRECTIONS = ("both", "up", "down", "none")  # none: the prompted slices only
 
 
 def volume_intensity(array: np.ndarray, modality: str = "auto", window=None,

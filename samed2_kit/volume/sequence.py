@@ -10,10 +10,12 @@ width and h = w = S/16; logits at S/4.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
+from samed2_kit.engine.clicks import Round, correct
 from samed2_kit.model import _sam2
 from samed2_kit.types import ImageFeatures, Prompts, SAMed2Output
 
@@ -24,22 +26,42 @@ NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: mask logits of a slice without
 class SliceResult:
     """raw_logits (B, 1, S/4, S/4) the decoder's; low_res_logits the same, set to
     NO_OBJECT_LOGIT where the object score says "absent" (what is shown and remembered);
-    iou (B, 1); object_score_logits (B, 1); memory (B, m, h, w) its memory features."""
+    iou (B, 1); object_score_logits (B, 1); memory (B, m, h, w) its memory features (after
+    corrective rounds: of the last round's logits, which low_res_logits then holds)."""
 
     raw_logits: torch.Tensor
     low_res_logits: torch.Tensor
     iou: torch.Tensor
     object_score_logits: torch.Tensor
     memory: torch.Tensor
+    rounds: list = field(default_factory=list)  # training's corrective passes (`engine.clicks`)
 
 
-def prompted(model, feats: ImageFeatures, prompts: Prompts) -> SliceResult:
+def prompted(model, feats: ImageFeatures, prompts: Prompts, meta: dict | None = None,
+             correct=None) -> SliceResult:  # fmt: skip
     """Slices with a prompt: the decoder (memory and prompt sources as in 2D prediction), then
     the memory encoder on the encoder features and the logits. While training, the decoder's
-    unstable-mask fallback runs as at inference (`_sam2.decode`)."""
-    res = model.decode(feats, prompts, False, fallback_in_training=True)
-    low, obj = res.low_res_logits, res.object_score_logits
-    return SliceResult(low, low, res.iou, obj, _sam2.encode_memory(model.sam, feats, low, obj))
+    unstable-mask fallback runs as at inference (`_sam2.decode`). `correct(decode, logits)`:
+    corrective rounds (training's `engine.clicks.correct`, bound to its batch) whose last logits
+    replace the first for the memory; the rounds are in the result's `rounds`."""
+    res = model.decode(feats, prompts, False, meta, fallback_in_training=True)
+    raw = low = res.low_res_logits
+    obj, rounds = res.object_score_logits, []
+    if correct is not None:
+
+        def decode(index: torch.Tensor, p: Prompts):
+            rows = index.tolist()
+            sub = {k: [v[i] for i in rows] for k, v in (meta or {}).items()}
+            r = model.decode(feats.select(index), p, False, sub, fallback_in_training=True)
+            return r.low_res_logits, r.iou, r.object_score_logits
+
+        rounds = correct(decode, low)
+        if rounds:
+            last = rounds[-1]
+            low, obj = low.clone(), obj.clone()
+            low[last.index], obj[last.index] = last.low_res_logits, last.object_score_logits
+    memory = _sam2.encode_memory(model.sam, feats, low, obj)
+    return SliceResult(raw, low, res.iou, res.object_score_logits, memory, rounds)
 
 
 def _condition(model, feats: ImageFeatures, mems: list, meta: dict) -> ImageFeatures:
@@ -91,7 +113,7 @@ def _order(n: int) -> list[int]:
     return [*range(c + 1, n), *range(c - 1, -1, -1)]
 
 
-def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output:
+def sequence_forward(model, batch: dict, memory_frames: int = 6, clicks=None) -> SAMed2Output:
     """Runs of N consecutive slices (batch["clip_len"] = N, run-major): the centre slice of
     each gets the clip's prompt; the others are predicted outward from it, up then down, each
     from its own features conditioned on the results before it in its direction (the prompted
@@ -120,7 +142,11 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output
         batch["point_labels"][centre] if batch["points"].shape[1] else None,
         batch["box"][centre] if bool(batch["has_box"][centre].all()) else None,
     )
-    done = {c: prompted(model, feats.select(centre), prompts)}
+    fix = None
+    if clicks is not None and clicks.prob > 0:  # corrective clicks on the prompted slices
+        gt, seeds = batch["mask"][centre], batch["seed"].tolist()
+        fix = functools.partial(correct, prompts=prompts, gt=gt, seeds=seeds, cfg=clicks)
+    done = {c: prompted(model, feats.select(centre), prompts, meta, fix)}
     recent: dict[int, list[torch.Tensor]] = {1: [], -1: []}
     for k in _order(n):
         step = 1 if k > c else -1
@@ -134,5 +160,7 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6) -> SAMed2Output
     def gather(field: str) -> torch.Tensor:
         return torch.cat([getattr(done[k], field) for k in range(n)])[order]
 
+    rounds = [Round(centre[r.index], r.low_res_logits, r.iou, r.object_score_logits)
+              for r in done[c].rounds]  # fmt: skip
     return SAMed2Output(gather("raw_logits"), gather("iou"), gather("object_score_logits"),
-                        feats, feats)  # fmt: skip
+                        feats, feats, rounds=rounds)  # fmt: skip

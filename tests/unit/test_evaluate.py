@@ -313,3 +313,38 @@ def test_the_gain_over_the_baseline_has_a_bootstrap_interval_by_case():
     assert s["cases"] == 2 and s["gain_ci95"] == [lo, hi]
     table = "\n".join(report.metrics_table({"all": s}))
     assert "gain [95% CI, by case]" in table and f"[{lo:+.3f}, {hi:+.3f}]" in table
+
+
+def test_data_without_a_pixel_size_is_reported_in_pixels(tiny_model, tmp_path_factory,
+                                                         hc18_store):  # fmt: skip
+    """HC18 without its pixel-size CSV: the store records that the spacing is unknown, rows and
+    summaries say "px", the report never says mm; with the CSV: mm."""
+    from pathlib import Path
+
+    from samed2_kit.medbank.store import open_store, spacing_unknown
+    from tests.conftest import build_store
+
+    root = Path(__file__).resolve().parents[2] / "samed2_kit" / "sample_data" / "hc18"
+    store = build_store(
+        tmp_path_factory, "hc18-px",
+        "split: {train: 0.6, val: 0.2, test: 0.2}\nsources:\n"
+        f"  - {{name: hc18, layout: pairs, root: '{root}', image: 'images/00{{id}}HC.png',\n"
+        "     mask: 'masks/00{id}HC_Annotation.png', modality: us, task: fetal_head,\n"
+        "     licence: CC-BY-4.0}\n",
+    )  # fmt: skip
+    assert len(spacing_unknown(open_store(store)[0])) == 10
+    assert spacing_unknown(open_store(hc18_store)[0]) == set()
+    model = tiny_model
+    cfg = EvalConfig(split="test")
+    px, _ = ev.evaluate(model, items_from_store(store, "test"), cfg, progress=False)
+    mm, _ = ev.evaluate(model, items_from_store(hc18_store, "test"), cfg, progress=False)
+    assert {r.unit for r in px} == {"px"} and {r.unit for r in mm} == {"mm"}
+    summary = ev.summarize(px)
+    assert summary["overall"]["unit"] == "px"
+    text = report.eval_markdown(summary, {"protocol": "box"})
+    import re
+
+    assert "HD95 px" in text and not re.search(r"\bmm\b", text)
+    assert "HD95 mm" in report.eval_markdown(ev.summarize(mm), {"protocol": "box"})
+    mixed = report.metrics_table({"a": summary["overall"], "b": ev.summarize(mm)["overall"]})
+    assert mixed[2].endswith(" px |") and mixed[3].endswith(" mm |")

@@ -137,6 +137,61 @@ def test_slice_box_evaluates_whole_volumes_against_the_extruded_box(volume_store
     assert np.array_equal(preds[0], ev.evaluate(model, items, cfg, progress=False)[1][0])
 
 
+def test_sequences_need_volumes_at_least_as_long(volume_store, hc18_store):
+    from samed2_kit.engine.data import check_sequences, store_dataset
+
+    with pytest.raises(ValueError, match="holds 2D images only: use train.step=image"):
+        store_dataset(_recipe(hc18_store, "data.sequence_len=3"), hc18_store, None, 0)
+    ds = store_dataset(_recipe(volume_store), volume_store, None, 0)
+    with pytest.raises(ValueError, match="data.sequence_len=999 is longer than 1 volume"):
+        check_sequences(ds, 999)
+
+
+def test_volume_protocols_with_clicks_and_a_box_per_slice(volume_store):
+    """slice-box+clicks: a 3D Dice after the box and after each click, the clicks re-propagated;
+    box-per-slice: only the object's slices are predicted."""
+    import numpy as np
+
+    from samed2_kit.config import EvalConfig
+    from samed2_kit.engine import evaluate as ev
+    from samed2_kit.model.assemble import from_recipe
+
+    model = from_recipe(_recipe(volume_store)).eval()
+    cfg = EvalConfig(prompt="slice-box+clicks", split="test", clicks=3)
+    items = ev.eval_items(volume_store, cfg)
+    rows, preds = ev.evaluate(model, items, cfg, progress=False)
+    (row,) = rows
+    assert len(row.click_dice) == 4 and row.dice_auc == ev.dice_auc(row.click_dice)
+    _, gt = items[0].load_volume()
+    assert row.click_dice[-1] == pytest.approx(ev.dice(preds[0], gt))
+    plain, _ = ev.evaluate(model, items, EvalConfig(prompt="slice-box", split="test"),
+                           progress=False)  # fmt: skip
+    assert row.click_dice[0] == pytest.approx(plain[0].dice, abs=1e-6)
+    assert row.box_dice == plain[0].box_dice  # the same baseline
+    summary = ev.summarize(rows)["overall"]
+    assert len(summary["click_dice"]) == 4
+    per_slice, pred = ev.evaluate(model, items, EvalConfig(prompt="box-per-slice", split="test"),
+                                  progress=False)  # fmt: skip
+    absent = ~gt.any(axis=(1, 2))
+    assert not pred[0][absent].any() and np.isfinite(per_slice[0].dice)
+
+
+def test_clicks_in_3d_go_to_the_largest_error_at_its_innermost_voxel():
+    import numpy as np
+
+    from samed2_kit.engine.evaluate import largest_error
+
+    gt = np.zeros((7, 9, 9), bool)
+    gt[1:6, 2:7, 2:8] = True
+    pred = gt.copy()
+    pred[1:6, 2:7, 2:7] = False  # a missed 5x5x5 cube (false negatives)
+    pred[0, 0, 0] = True  # one false positive
+    assert largest_error(pred, gt) == ((3, 4, 4), True)  # the cube's centre
+    assert largest_error(gt, gt) is None
+    (z, y, x), positive = largest_error(gt | (np.arange(9) > 6)[None, None, :], gt)
+    assert not positive and x >= 7
+
+
 def test_sequence_training_resumes_exactly(volume_store, tmp_path):
     import shutil
 
@@ -160,7 +215,12 @@ def test_a_sequence_longer_than_the_stored_neighbours_is_refused(volume_store):
         store_dataset(recipe, volume_store, None, 0)
 
 
-def test_volume_evaluation_of_a_temporal_model_encodes_its_clips(volume_store, monkeypatch):
+@pytest.mark.parametrize("protocol", ["slice-box", "box-per-slice", "box"])
+def test_evaluation_of_a_temporal_model_encodes_its_clips(volume_store, monkeypatch, protocol):
+    """In 3D and in 2D (slices through the Predictor): clips of the model's T, the stored
+    neighbours around each evaluated slice."""
+    import numpy as np
+
     from samed2_kit.config import EvalConfig
     from samed2_kit.engine import evaluate as ev
     from samed2_kit.model.assemble import from_recipe
@@ -171,13 +231,19 @@ def test_volume_evaluation_of_a_temporal_model_encodes_its_clips(volume_store, m
     encode = model.encode
 
     def spy(images, clip_len=1, meta=None):
-        calls.append((images.shape[0], clip_len))
+        calls.append((images.shape[0], clip_len, images))
         return encode(images, clip_len, meta)
 
     monkeypatch.setattr(model, "encode", spy)
-    cfg = EvalConfig(prompt="slice-box", split="test")
-    ev.evaluate(model, ev.eval_items(volume_store, cfg), cfg, progress=False)
-    assert calls and all(t == 3 and n % 3 == 0 for n, t in calls)
+    cfg = EvalConfig(prompt=protocol, split="test", max_items=3)
+    items = ev.eval_items(volume_store, cfg)
+    ev.evaluate(model, items, cfg, progress=False)
+    assert calls and all(t == 3 and n % 3 == 0 for n, t, _ in calls)
+    if protocol == "box":  # the slice's stored neighbours, not the slice three times
+        first = calls[0][2]
+        assert not torch.equal(first[0], first[1]) or not torch.equal(first[1], first[2])
+        clip = items[0].load_clip(3)
+        assert np.array_equal(clip[1], items[0].load()[0])
 
 
 def test_sequences_compose_with_the_confidence_memory(volume_store):

@@ -70,7 +70,7 @@ def test_clip_len_1_matches_pair_collate(store):
     items = [ds[i] for i in range(3)]
     ours = collate_clips(items)
     pairs = collate([{**it, "image": it["image"][0], "mask": it["mask"][0]} for it in items])
-    assert set(ours) - set(pairs) == {"clip_len", "slice_index"}
+    assert set(ours) - set(pairs) == {"clip_len", "slice_index", "seed"}
     for key, value in pairs.items():
         if torch.is_tensor(value):
             assert torch.equal(ours[key], value), key

@@ -1,0 +1,134 @@
+"""Simulated corrective clicks while training, as SAM 2's trainer samples them.
+
+    rounds = correct(decode, first, prompts, gt, seeds, cfg)   # list of Round
+
+After the first prediction of a batch, each sample is corrected with probability `cfg.prob`,
+drawn from the sample's own seed (`batch["seed"]`, from the data's seed, epoch and index), so the
+choice and the clicks depend neither on the batch it is in nor on the number of processes, and a
+resumed run repeats them. A corrected sample gets `cfg.rounds` more decoder passes on the same
+image features. Before each pass one click is drawn uniformly from the pixels where the current
+mask (its logits upsampled to the ground truth's S x S, > 0) disagrees with the ground truth:
+positive on a false negative, negative on a false positive; an image without errors gets a click
+anywhere, labelled by the ground truth. A pass takes the sample's first prompt, all its clicks so
+far and the previous pass's logits (detached) as the mask input. The loss is computed on every
+pass (`round_loss`), as SAM 2 does on each of its correction steps.
+
+Clips of T slices: the clip's seed decides for all its T images; each image draws its own clicks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from samed2_kit.types import Prompts
+
+SELECT_STREAM, CLICK_STREAM = 0xC1, 0xC2  # separate random streams per seed
+
+
+@dataclass
+class Round:
+    """One corrective pass over rows `index` (k,) of the batch: logits (k, 1, S/4, S/4),
+    iou (k, 1), object_score_logits (k, 1)."""
+
+    index: torch.Tensor
+    low_res_logits: torch.Tensor
+    iou: torch.Tensor
+    object_score_logits: torch.Tensor
+
+
+def chosen_mask(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
+    """(B, 1, s, s): per image, the mask of the highest predicted IoU among its M (B, M, s, s)."""
+    if logits.shape[1] == 1:
+        return logits
+    best = iou.argmax(dim=1)
+    return logits[torch.arange(len(logits), device=logits.device), best][:, None]
+
+
+def selected_rows(seeds: list[int], prob: float, per_seed: int) -> list[int]:
+    """Rows (of per_seed rows per seed, seed-major) whose seed draws a correction."""
+    rows = []
+    for s, seed in enumerate(seeds):
+        if np.random.default_rng([int(seed), SELECT_STREAM]).random() < prob:
+            rows += range(s * per_seed, (s + 1) * per_seed)
+    return rows
+
+
+def error_clicks(logits: torch.Tensor, gt: torch.Tensor, rngs: list) -> tuple:
+    """One click per image: points (k, 1, 2) xy in gt pixels, labels (k, 1) int64.
+    logits (k, 1, s, s); gt (k, 1, S, S) in {0, 1}; rngs: one numpy Generator per image."""
+    up = F.interpolate(logits.detach().float(), size=gt.shape[-2:], mode="bilinear",
+                       align_corners=False)  # fmt: skip
+    pred, truth = (up[:, 0] > 0).cpu().numpy(), (gt[:, 0] > 0.5).cpu().numpy()
+    points = np.zeros((len(pred), 1, 2), np.float32)
+    labels = np.zeros((len(pred), 1), np.int64)
+    for i, (p, t, rng) in enumerate(zip(pred, truth, rngs, strict=True)):
+        wrong = np.flatnonzero(p != t)
+        pool = wrong if wrong.size else np.arange(t.size)
+        k = int(pool[rng.integers(pool.size)])
+        y, x = divmod(k, t.shape[1])
+        points[i, 0], labels[i, 0] = (x, y), int(t[y, x])
+    dev = logits.device
+    return torch.from_numpy(points).to(dev), torch.from_numpy(labels).to(dev)
+
+
+def _rows(prompts: Prompts, index: torch.Tensor) -> Prompts:
+    def pick(x):
+        return None if x is None else x[index]
+
+    return Prompts(pick(prompts.points), pick(prompts.point_labels), pick(prompts.boxes))
+
+
+def correct(decode: Callable, first: torch.Tensor, prompts: Prompts, gt: torch.Tensor,
+            seeds: list[int], cfg, per_seed: int = 1) -> list[Round]:  # fmt: skip
+    """Corrective rounds after a first prediction (see the module docstring).
+
+    decode(index (k,), Prompts) -> (logits (k, 1, s, s), iou (k, 1), object_score (k, 1)): the
+    decoder on rows `index` of the batch. first: (B, 1, s, s) the first prediction's logits;
+    prompts: the batch's first prompts; gt: (B, 1, S, S); seeds: one per `per_seed` rows."""
+    if cfg.prob <= 0:
+        return []
+    rows = selected_rows(seeds, cfg.prob, per_seed)
+    if not rows:
+        return []
+    index = torch.tensor(rows, device=first.device)
+    base, target, prev = _rows(prompts, index), gt[index], first[index].detach()
+    points = base.points if base.points is not None else first.new_zeros((len(rows), 0, 2))
+    labels = base.point_labels
+    labels = labels if labels is not None else torch.zeros((len(rows), 0), dtype=torch.int64,
+                                                           device=first.device)  # fmt: skip
+    out = []
+    for r in range(cfg.rounds):
+        rngs = [np.random.default_rng([int(seeds[i // per_seed]), CLICK_STREAM, i % per_seed, r])
+                for i in rows]  # fmt: skip
+        p, lab = error_clicks(prev, target, rngs)
+        points, labels = torch.cat([points, p.to(points.dtype)], 1), torch.cat([labels, lab], 1)
+        logits, iou, obj = decode(index, Prompts(points, labels, base.boxes, prev))
+        out.append(Round(index, logits, iou, obj))
+        prev = logits.detach()
+    return out
+
+
+def round_loss(loss_fn, first, rounds: list[Round], gt: torch.Tensor):
+    """The loss over the first prediction and every corrective round: each pass's loss
+    (`loss_fn` on its rows), averaged with its number of rows as weight. `first` is the
+    first pass's LossOutput; returns one LossOutput (parts averaged the same way)."""
+    if not rounds:
+        return first
+    n0 = len(first.best_mask)
+    total = first.total * n0
+    sums = {k: [v * n0, n0] for k, v in first.parts.items()}  # name: [weighted sum, rows]
+    rows = n0
+    for r in rounds:
+        k = len(r.index)
+        loss = loss_fn(r.low_res_logits, r.iou, r.object_score_logits, gt[r.index], {})
+        total, rows = total + loss.total * k, rows + k
+        for name, v in loss.parts.items():
+            acc = sums.setdefault(name, [0.0, 0])
+            acc[0], acc[1] = acc[0] + v * k, acc[1] + k
+    parts = {name: v / n for name, (v, n) in sums.items()}
+    return type(first)(total / rows, parts, first.best_mask)
