@@ -4,11 +4,13 @@ Both arms run forward + backward + AdamW on the same model (same init) and the s
 of N consecutive slices of the bundled hippocampus volumes. The sequence step prompts the centre
 slice and propagates to the others through SAM 2's memory path (`volume.sequence_forward`); the
 image step decodes each of the B*N slices on its own, with its run's box (`engine.steps.image_step`;
-the cost does not depend on which box). The
+the cost does not depend on which box). A third arm adds simulated corrective clicks to the
+sequence step (`train.clicks`, every run corrected, `--rounds` passes on its prompted slice). The
 table gives the median ms per step (calls alternated), slices/s, the ratio, and the process's peak
 resident memory (Linux ru_maxrss, after each arm's runs).
 
-    .venv/bin/python bench/bench_sequence.py [--size 64] [--runs 4] [--length 7] [--repeats 10]
+    .venv/bin/python bench/bench_sequence.py [--size 64] [--runs 4] [--length 8] [--repeats 10]
+        [--rounds 3]
 """
 
 from __future__ import annotations
@@ -41,11 +43,13 @@ def main() -> None:
     p.add_argument("--variant", default="test-tiny")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--runs", type=int, default=4, help="B runs per step")
-    p.add_argument("--length", type=int, default=7, help="N slices per run")
+    p.add_argument("--length", type=int, default=8, help="N slices per run")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=3, help="corrective rounds of the clicks arm")
     args = p.parse_args()
     store = Path(tempfile.mkdtemp()) / "store"
     spec, sha = load_spec(REPO / "recipes" / "medbank_hippocampus.yaml")
+    spec.clip_radius = max(spec.clip_radius, args.length // 2)  # runs of N need R >= N // 2
     build(spec, store, sha, progress=False)
     base = [f"model.variant={args.variant}", f"model.image_size={args.size}",
             f"data.sequence_len={args.length}", "data.augment=false", "train.mixed_precision=no"]  # fmt: skip
@@ -56,8 +60,11 @@ def main() -> None:
     )
     flat = {**batch, "clip_len": 1}  # the same slices as B*N independent images
     model = from_recipe(seq_recipe).train()
+    clicks_recipe = load_recipe(None, [*base, "train.step=sequence", "train.clicks.prob=1",
+                                       f"train.clicks.rounds={args.rounds}"])  # fmt: skip
     arms = {}
-    for name, recipe, data in (("sequence", seq_recipe, batch), ("images", img_recipe, flat)):
+    for name, recipe, data in (("sequence", seq_recipe, batch), ("images", img_recipe, flat),
+                               (f"sequence+{args.rounds} clicks", clicks_recipe, batch)):  # fmt: skip
         m = copy.deepcopy(model)
         opt = torch.optim.AdamW([q for q in m.parameters() if q.requires_grad], lr=1e-4)
         loss_fn, step = SegLoss(recipe.loss), STEPS[recipe.train.step]

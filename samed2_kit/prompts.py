@@ -50,7 +50,9 @@ class Prompt:
 
     ``box`` (4,) float32 x0, y0, x1, y1; ``points`` (N, 2) float32 x, y; ``labels`` (N,) int64,
     1 = foreground, 0 = background, one per point; ``mask`` (H, W) bool, an existing mask of the
-    image (volume propagation takes it as the slice's result; empty = no object). Unused parts
+    image (volume propagation takes it as the slice's result; empty = no object);
+    ``mask_input`` (H, W) bool, an earlier mask of the image that the points/box refine (the
+    decoder's mask input, as SAM 2 refines a tracked frame: logits = mask * 20 - 10). Unused parts
     are None. `check_prompt` validates one against its image's (H, W).
     """
 
@@ -58,9 +60,10 @@ class Prompt:
     points: np.ndarray | None = None
     labels: np.ndarray | None = None
     mask: np.ndarray | None = None
+    mask_input: np.ndarray | None = None
 
 
-PROMPT_FIELDS = ("box", "points", "labels", "mask")
+PROMPT_FIELDS = ("box", "points", "labels", "mask", "mask_input")
 
 
 def _as_prompt(prompt, fields: tuple[str, ...], at: str) -> Prompt:
@@ -147,10 +150,11 @@ def check_prompt(
     """A validated copy of `prompt` (a Prompt, or a dict of its fields) on an (H, W) image.
 
     Returns box (4,) float32 (with ``many_boxes``: (K, 4), one object per box), points (N, 2)
-    float32, labels (N,) int64, mask (H, W) bool. Points with N = 0 count as no points; labels
-    without points are dropped. Checks: a dict's keys are in ``fields``; something is given;
-    shapes; one label per point, each 1 or 0; a mask comes alone (it is the result); with ``hw``,
-    every point and box corner lies in [0, W] x [0, H] and the mask is (H, W).
+    float32, labels (N,) int64, mask and mask_input (H, W) bool. Points with N = 0 count as no
+    points; labels without points are dropped. Checks: a dict's keys are in ``fields``; something
+    is given; shapes; one label per point, each 1 or 0; a mask comes alone (it is the result);
+    a mask_input comes with points or a box; with ``hw``, every point and box corner lies in
+    [0, W] x [0, H] and the masks are (H, W).
 
     ``where`` names the prompt in errors (e.g. "prompts[40]"); ``names`` renames fields in them
     (e.g. {"points": "point_coords"} for the Predictor's arguments). Raises ValueError naming the
@@ -168,6 +172,8 @@ def check_prompt(
         box = _check_box(prompt.box, many_boxes, field("box"))
     if prompt.points is not None:
         pts = _check_points(prompt.points, field("points"))
+    if getattr(prompt, "mask_input", None) is not None and pts is None and box is None:
+        raise ValueError(f"{at}a mask_input is refined by points or a box: give them with it")
     if pts is None and box is None and prompt.mask is None:
         hint = "a box and/or points (+ labels)" + (", or a mask" if "mask" in fields else "")
         raise ValueError(f"{where or 'the prompt'} is empty: give {hint}")
@@ -180,7 +186,11 @@ def check_prompt(
         labels = _check_labels(prompt.labels, len(pts), at, names, field("labels"))
     if hw is not None:
         _check_inside(pts, box, hw, field)
-    return Prompt(box=box, points=pts, labels=labels)
+    refine = getattr(prompt, "mask_input", None)
+    if refine is not None:
+        refine = _mask_array(refine, hw, field("mask_input"))
+        refine = refine if refine.dtype == bool else refine > 0
+    return Prompt(box=box, points=pts, labels=labels, mask_input=refine)
 
 
 def _check_mask(mask: np.ndarray) -> np.ndarray:

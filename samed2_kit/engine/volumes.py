@@ -9,9 +9,10 @@ the (Z, H, W) masks with the (z, y, x) spacing in mm (`metrics.case_metrics`).
 Protocol `slice-box+clicks`: then up to K corrective clicks (`eval.clicks`) placed in 3D: at
 the innermost voxel (distances in mm) of the largest face-connected error region of the volume
 (false negatives first on equal sizes), positive on a false negative, negative on a false
-positive; the click joins the prompt of its slice (with the box on the key slice), and the whole
-volume is propagated again from every prompted slice (a slice between two takes the nearer one's
-pass). The row holds the 3D Dice after the box and after every click and its normalised area
+positive; the click joins the prompt of its slice (with the box on the key slice), which also
+takes the slice's current mask as the decoder's mask input (SAM 2's refinement of a tracked
+frame), and the whole volume is propagated again from every prompted slice (a slice between two
+takes the nearer one's pass). The row holds the 3D Dice after the box and after every click and its normalised area
 (`dice_auc`, the CVPR 2025 interactive 3D challenge's protocol), and the final metrics.
 
 Protocol `box-per-slice`: every slice where the object is present gets its own tight box and is
@@ -161,9 +162,11 @@ def _slice_box_clicks(model, images, gt, box, z, cfg, spacing):
         p = prompts.setdefault(zc, {})
         p["points"] = [*p.get("points", []), (x, y)]
         p["labels"] = [*p.get("labels", []), int(positive)]
+        p["mask_input"] = pred[zc]  # the slice's current mask, refined by its clicks
         asked = {k: Prompt(box=v.get("box"), points=np.array(v["points"], np.float32)
                            if "points" in v else None,
-                           labels=np.array(v["labels"]) if "labels" in v else None)
+                           labels=np.array(v["labels"]) if "labels" in v else None,
+                           mask_input=v.get("mask_input"))
                  for k, v in prompts.items()}  # fmt: skip
         pred = propagate_volume(model, images, asked, modality="2d")
         curve.append(dice(pred, gt))

@@ -251,13 +251,16 @@ def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
         obj = torch.full((1, 1), 10.0 if p.mask.any() else -10.0, device=dev)
         return p.mask.copy(), _sam2.encode_memory(model.sam, feats, low, obj)[0]
     scale = np.array([s / w, s / h], dtype=np.float32)  # slice pixels -> model-input pixels
-    pts = lab = box = None
+    pts = lab = box = refine = None
+    if p.mask_input is not None:  # an earlier mask refined by the points/box (SAM 2's rule)
+        m = torch.as_tensor(p.mask_input, dtype=torch.float32, device=dev)[None, None]
+        refine = F.interpolate(m, (s // 4, s // 4), mode="bilinear", antialias=True) * 20 - 10
     if p.points is not None:
         pts = torch.from_numpy(p.points * scale)[None].to(dev)
         lab = torch.from_numpy(p.labels.astype(np.int64))[None].to(dev)
     if p.box is not None:
         box = torch.from_numpy((p.box.reshape(2, 2) * scale).reshape(1, 4)).to(dev)
-    res = prompted(model, feats, Prompts(pts, lab, box))
+    res = prompted(model, feats, Prompts(pts, lab, box, refine))
     return _upsample(res.low_res_logits, h, w), res.memory[0]
 
 

@@ -182,3 +182,19 @@ def test_check_prompt_without_a_size_checks_shapes_only():
     assert p.box.tolist() == [0, 0, 5000, 5000]
     with pytest.raises(ValueError, match="scale_prompt"):
         scale_prompt(Prompt(mask=np.ones((2, 2), bool)), (2, 2), 4)
+
+
+def test_a_mask_input_is_refined_by_points_or_a_box():
+    import numpy as np
+    import pytest
+
+    from samed2_kit.prompts import check_prompt
+
+    m = np.zeros((8, 10), np.uint8)
+    m[2:5, 3:6] = 1
+    p = check_prompt({"points": [[4, 3]], "labels": [1], "mask_input": m}, (8, 10))
+    assert p.mask_input.dtype == bool and p.mask_input.sum() == 9
+    with pytest.raises(ValueError, match="mask_input is refined by points or a box"):
+        check_prompt({"mask_input": m}, (8, 10))
+    with pytest.raises(ValueError, match=r"mask_input is \(3, 3\), the image is \(8, 10\)"):
+        check_prompt({"box": [0, 0, 4, 4], "mask_input": m[:3, :3]}, (8, 10))
