@@ -209,23 +209,43 @@ def encode_memory(
     return maskmem
 
 
+def retrieved_slots(sam: torch.nn.Module, n: int) -> list[int]:
+    """Temporal encodings of n retrieved memory entries, the first the most relevant:
+    num_maskmem - 2 - r for entry r, floored at 0 (the confidence memory's reads)."""
+    top = sam.num_maskmem - 1
+    return [top - min(r + 1, top) for r in range(n)]
+
+
+def frame_slots(sam: torch.nn.Module, recent: int, prompted: int = 1) -> list[int]:
+    """sam2's temporal encodings for `recent` earlier results (most recent first: a frame d steps
+    back gets d - 1, at most num_maskmem - 2) then `prompted` conditioning frames
+    (num_maskmem - 1), as `SAM2Base._prepare_memory_conditioned_features` assigns them."""
+    top = sam.num_maskmem - 1
+    return [min(r, top - 1) for r in range(recent)] + [top] * prompted
+
+
 def memory_pos(sam: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
     """Sine positional encoding (1, mem_dim, h, w) of memory features shaped like `like`
     (recomputed, never stored)."""
     return sam.memory_encoder.position_encoding(like[:1]).to(like.dtype)
 
 
-def attend_memory(sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tensor) -> torch.Tensor:
+def attend_memory(sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tensor,
+                  slots: list[int] | None = None) -> torch.Tensor:  # fmt: skip
     """SAM 2 memory attention of a batch over retrieved memories.
 
-    memory: (B, n, mem_dim, h, w) entries per image, the first the most relevant; entry r gets the
-    temporal encoding of a frame r + 1 steps away (sam2's `maskmem_tpos_enc`). Returns the
-    conditioned image embedding (B, C, h, w), as sam2's video path gives its decoder.
+    memory: (B, n, mem_dim, h, w) entries per image. slots: the temporal encoding of each entry
+    (an index into sam2's `maskmem_tpos_enc`): sam2's video path gives a frame d steps back d - 1
+    and a conditioning (prompted) frame num_maskmem - 1 (`frame_slots`). None (retrieved
+    entries, the first the most relevant): entry r gets num_maskmem - 2 - r, floored at 0.
+    Returns the conditioned image embedding (B, C, h, w), as sam2's video path gives its decoder.
     """
     b, n, m, h, w = memory.shape
     pos = memory_pos(sam, memory[:, 0]).flatten(2).permute(2, 0, 1)  # (hw, 1, m)
-    slots = sam.num_maskmem
-    tpos = torch.stack([sam.maskmem_tpos_enc[slots - 1 - min(r + 1, slots - 1)] for r in range(n)])
+    slots = retrieved_slots(sam, n) if slots is None else slots
+    if len(slots) != n:
+        raise ValueError(f"attend_memory: {len(slots)} temporal slots for {n} memory entries")
+    tpos = sam.maskmem_tpos_enc[torch.as_tensor(slots, device=memory.device)]
     mem = memory.permute(1, 3, 4, 0, 2).reshape(n * h * w, b, m)  # entry-major tokens
     mem_pos = (
         (pos.unsqueeze(0) + tpos.reshape(n, 1, 1, m)).reshape(n * h * w, 1, m).expand(-1, b, -1)

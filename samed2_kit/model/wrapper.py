@@ -148,13 +148,17 @@ class SAMed2Model(nn.Module):
         *,
         use_memory: bool = True,
         fallback_in_training: bool = False,
+        pad_empty: bool = False,
     ) -> SAMed2Output:
         """Memory conditioning, prompt sources and the mask decoder for a batch of features.
 
         `use_memory=False` skips the confidence memory's conditioning: for callers that condition
         `feats` themselves (volume propagation attends over its own frames and the bank's).
         `fallback_in_training`: sam2's unstable-single-mask fallback also while training
-        (`_sam2.decode`; sequence training, whose propagated slices rely on it at inference)."""
+        (`_sam2.decode`; sequence training, whose propagated slices rely on it at inference).
+        `pad_empty`: an image left without any prompt (none given, none suggested) gets sam2's
+        padding point (label -1), as sam2's video path decodes an unprompted frame (propagation);
+        otherwise it gets no sparse prompt, as sam2's image predictor."""
         encoder_feats = feats
         if self.memory is not None and use_memory:
             feats = self.memory.condition(self.sam, feats, meta or {})
@@ -164,6 +168,10 @@ class SAMed2Model(nn.Module):
         contribs = {n: src(encoder_feats, prompts, ctx) for n, src in self.prompt_sources.items()}
         if prompts.empty():
             prompts = suggested_prompts(contribs.values(), prompts)
+        if pad_empty and prompts.empty():  # sam2's `_forward_sam_heads` without point inputs
+            b, dev = feats.image_embed.shape[0], feats.image_embed.device
+            prompts = Prompts(torch.zeros(b, 1, 2, device=dev),
+                              -torch.ones(b, 1, dtype=torch.int64, device=dev))  # fmt: skip
         feats = self._fuse_memory(feats, contribs)
         batch = feats.image_embed.shape[0]
         sparse, dense = _sam2.embed_prompts(

@@ -65,25 +65,33 @@ def prompted(model, feats: ImageFeatures, prompts: Prompts, meta: dict | None = 
 
 
 def _condition(model, feats: ImageFeatures, mems: list, meta: dict) -> ImageFeatures:
-    """feats conditioned by memory attention on each image's entries (n_i, m, h, w), most
-    relevant first, plus the confidence bank's entries for it (read only; while training, never
-    entries of the image's own case, `meta["case_id"]`)."""
+    """feats conditioned by memory attention on each image's earlier results (n_i, m, h, w):
+    recent ones most recent first, the prompted slice's last (`memory_of`), with sam2's temporal
+    encodings (`_sam2.frame_slots`); plus the confidence bank's entries for it (read only; while
+    training, never entries of the image's own case, `meta["case_id"]`)."""
     sam = model.sam
-    if model.memory is not None:
-        bank = model.memory.retrieve(sam, feats, meta)
-        mems = [m if k is None else k if m is None else torch.cat([m, k])
-                for m, k in zip(mems, bank, strict=True)]  # fmt: skip
-    if all(m is None for m in mems):
+    bank = (
+        model.memory.retrieve(sam, feats, meta) if model.memory is not None else [None] * len(mems)
+    )
+
+    def entries(m, k):  # (memory (n, m, h, w) or None, temporal slots)
+        slots = [] if m is None else _sam2.frame_slots(sam, len(m) - 1)
+        if k is not None:
+            slots += _sam2.retrieved_slots(sam, len(k))  # as the bank's own reads
+        both = [x for x in (m, k) if x is not None]
+        return (torch.cat(both) if both else None), slots
+
+    pairs = [entries(m, k) for m, k in zip(mems, bank, strict=True)]
+    if all(m is None for m, _ in pairs):
         return feats
     embed = feats.image_embed
-    counts = {None if m is None else len(m) for m in mems}
-    if len(counts) == 1:  # one call for the batch
-        out = _sam2.attend_memory(sam, feats, torch.stack(mems))
+    if len({(m is None, tuple(s)) for m, s in pairs}) == 1:  # one call for the batch
+        out = _sam2.attend_memory(sam, feats, torch.stack([m for m, _ in pairs]), pairs[0][1])
         return ImageFeatures(out.to(embed.dtype), feats.high_res, feats.pos)
     rows = []
-    for b, m in enumerate(mems):
+    for b, (m, slots) in enumerate(pairs):
         one = feats.select(slice(b, b + 1))
-        rows.append(one.image_embed if m is None else _sam2.attend_memory(sam, one, m[None]))
+        rows.append(one.image_embed if m is None else _sam2.attend_memory(sam, one, m[None], slots))
     return ImageFeatures(torch.cat(rows).to(embed.dtype), feats.high_res, feats.pos)
 
 
@@ -94,7 +102,8 @@ def propagated(model, feats: ImageFeatures, mems: list, meta: dict | None = None
     to "no object" where the object score is <= 0, and the memory encoder on those. `meta`:
     per-image lists (`case_id`, `task`, `modality`) for the confidence bank's retrieval."""
     cond = _condition(model, feats, list(mems), meta or {})
-    res = model.decode(cond, Prompts(), False, use_memory=False, fallback_in_training=True)
+    res = model.decode(cond, Prompts(), False, use_memory=False, fallback_in_training=True,
+                       pad_empty=True)  # fmt: skip
     obj = res.object_score_logits
     low = torch.where((obj > 0)[..., None, None], res.low_res_logits, NO_OBJECT_LOGIT)
     memory = _sam2.encode_memory(model.sam, feats, low, obj)

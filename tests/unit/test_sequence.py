@@ -253,3 +253,30 @@ def test_sequences_compose_with_the_confidence_memory(volume_store):
     recipe = _recipe(volume_store, "memory={threshold: 0.0, capacity: 8}", "train.steps=2")
     model, _, _ = train(recipe, from_recipe(recipe), volume_store, progress=False)
     assert 0 < len(model.memory.bank) <= 8 and not model.memory.writing
+
+
+def test_memory_attention_matches_sam2s_video_path():
+    """Our conditioning of a slice on 3 earlier results and the prompted slice equals sam2's
+    `_prepare_memory_conditioned_features` (object pointers off): the same temporal encodings."""
+    from samed2_kit.model import _sam2
+    from samed2_kit.model.build import build_model
+
+    torch.manual_seed(0)
+    model = build_model("test-tiny", image_size=64).eval()
+    sam = model.sam
+    with torch.no_grad():
+        sam.maskmem_tpos_enc.normal_()  # learned in a checkpoint: make the slots tell apart
+        feats = model.encode(torch.randn(1, 3, 64, 64))
+        h = feats.image_embed.shape[-1]
+        mems = torch.randn(4, 1, _sam2.memory_dim(sam), h, h)  # 3 recent (newest first), prompted
+        ours = _sam2.attend_memory(sam, feats, mems.transpose(0, 1), _sam2.frame_slots(sam, 3))
+        pos = [_sam2.memory_pos(sam, mems[0])]
+        entry = lambda m: {"maskmem_features": m, "maskmem_pos_enc": pos}  # noqa: E731
+        outputs = {"cond_frame_outputs": {0: entry(mems[3])},
+                   "non_cond_frame_outputs": {9 - r: entry(mems[r]) for r in range(3)}}  # fmt: skip
+        raw = _sam2.raw_embed(sam, feats).flatten(2).permute(2, 0, 1)
+        sam.use_obj_ptrs_in_encoder = False
+        theirs = sam._prepare_memory_conditioned_features(
+            10, False, [raw], [feats.pos.flatten(2).permute(2, 0, 1)], [(h, h)], outputs, 20
+        )
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
