@@ -71,6 +71,7 @@ class SAMed2Output:
     source_logits: dict[str, torch.Tensor] = field(default_factory=dict)
     prompts: Prompts | None = None
     rounds: list = field(default_factory=list)  # training's corrective passes (`engine.clicks`)
+    tokens: torch.Tensor | None = None  # (B, M', C) the decoder's output tokens (object pointers)
 
 
 @dataclass

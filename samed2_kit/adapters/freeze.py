@@ -47,10 +47,11 @@ def groups() -> dict[str, str]:
 
 
 SOURCES_GROUP = r"^(?:prompt_sources|source_gates)\."
-# SAM 2's propagation path: memory attention, memory encoder and their embeddings (what
-# sequence training and volume propagation run)
+# SAM 2's propagation path: memory attention, memory encoder, object pointers and their
+# embeddings (what sequence training and volume propagation run)
 PROPAGATION_GROUP = (
-    r"^sam\.(?:memory_attention\.|memory_encoder\.|maskmem_tpos_enc$|no_obj_embed_spatial$)"
+    r"^sam\.(?:memory_attention\.|memory_encoder\.|maskmem_tpos_enc$|no_obj_embed_spatial$"
+    r"|obj_ptr_proj\.|obj_ptr_tpos_proj\.|no_obj_ptr$)"
 )
 # the confidence memory reads through sam2's memory attention and writes through its memory
 # encoder: they train with it

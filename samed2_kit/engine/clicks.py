@@ -33,12 +33,13 @@ SELECT_STREAM, CLICK_STREAM = 0xC1, 0xC2  # separate random streams per seed
 @dataclass
 class Round:
     """One corrective pass over rows `index` (k,) of the batch: logits (k, 1, S/4, S/4),
-    iou (k, 1), object_score_logits (k, 1)."""
+    iou (k, 1), object_score_logits (k, 1), tokens (k, 1, C)."""
 
     index: torch.Tensor
     low_res_logits: torch.Tensor
     iou: torch.Tensor
     object_score_logits: torch.Tensor
+    tokens: torch.Tensor | None = None  # the decoder's output tokens, when decode gives them
 
 
 def chosen_mask(logits: torch.Tensor, iou: torch.Tensor) -> torch.Tensor:
@@ -87,8 +88,8 @@ def correct(decode: Callable, first: torch.Tensor, prompts: Prompts, gt: torch.T
             seeds: list[int], cfg, per_seed: int = 1) -> list[Round]:  # fmt: skip
     """Corrective rounds after a first prediction (see the module docstring).
 
-    decode(index (k,), Prompts) -> (logits (k, 1, s, s), iou (k, 1), object_score (k, 1)): the
-    decoder on rows `index` of the batch. first: (B, 1, s, s) the first prediction's logits;
+    decode(index (k,), Prompts) -> (logits (k, 1, s, s), iou (k, 1), object_score (k, 1)[,
+    output tokens (k, 1, C)]): the decoder on rows `index` of the batch. first: (B, 1, s, s) the first prediction's logits;
     prompts: the batch's first prompts; gt: (B, 1, S, S); seeds: one per `per_seed` rows."""
     if cfg.prob <= 0:
         return []
@@ -107,8 +108,8 @@ def correct(decode: Callable, first: torch.Tensor, prompts: Prompts, gt: torch.T
                 for i in rows]  # fmt: skip
         p, lab = error_clicks(prev, target, rngs)
         points, labels = torch.cat([points, p.to(points.dtype)], 1), torch.cat([labels, lab], 1)
-        logits, iou, obj = decode(index, Prompts(points, labels, base.boxes, prev))
-        out.append(Round(index, logits, iou, obj))
+        logits, iou, obj, *tokens = decode(index, Prompts(points, labels, base.boxes, prev))
+        out.append(Round(index, logits, iou, obj, *tokens))
         prev = logits.detach()
     return out
 

@@ -93,9 +93,11 @@ def decode(
     multimask_output: bool,
     repeat_image: bool = False,
     fallback_in_training: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mask decoder. Returns low-res mask logits (B, M, 4h, 4w), predicted IoU (B, M) and object
-    score logits (B, 1); M = 3 with `multimask_output`, else 1.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mask decoder. Returns low-res mask logits (B, M, 4h, 4w), predicted IoU (B, M), object
+    score logits (B, 1) and the output tokens (B, M', C) sam2 makes object pointers of (M' = 3
+    with `multimask_output` and `use_multimask_token_for_obj_ptr`, else 1); M = 3 with
+    `multimask_output`, else 1.
 
     A single mask falls back to the best of the three multimask outputs when it is unstable
     (sam2's `dynamic_multimask_via_stability`), in eval mode only in sam2; with
@@ -103,14 +105,14 @@ def decode(
     dec = sam.sam_mask_decoder
     if fallback_in_training and dec.training and not multimask_output:
         if dec.dynamic_multimask_via_stability:
-            masks, iou, _tokens, obj = dec.predict_masks(
+            masks, iou, tokens, obj = dec.predict_masks(
                 image_embeddings=feats.image_embed, image_pe=dense_pe(sam),
                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                 repeat_image=repeat_image, high_res_features=feats.high_res,
             )  # fmt: skip
             masks, iou = dec._dynamic_multimask_via_stability(masks, iou)
-            return masks, iou, obj
-    masks, iou, _tokens, obj = dec(
+            return masks, iou, obj, tokens[:, 0:1]  # the single-mask token, as sam2's forward
+    masks, iou, tokens, obj = dec(
         image_embeddings=feats.image_embed,
         image_pe=dense_pe(sam),
         sparse_prompt_embeddings=sparse,
@@ -119,7 +121,49 @@ def decode(
         repeat_image=repeat_image,
         high_res_features=feats.high_res,
     )
-    return masks, iou, obj
+    return masks, iou, obj, tokens
+
+
+def object_pointer(sam: torch.nn.Module, tokens: torch.Tensor, iou: torch.Tensor,
+                   object_score_logits: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """sam2's object pointer (B, C) of a decoded frame (`SAM2Base._forward_sam_heads`): the
+    output token of the best mask (by predicted IoU, when there are several) through
+    `obj_ptr_proj`, replaced by `no_obj_ptr` where the object score says "absent"."""
+    token = tokens[:, 0]
+    if tokens.shape[1] > 1:
+        token = tokens[torch.arange(len(tokens), device=tokens.device), iou.argmax(dim=-1)]
+    ptr = sam.obj_ptr_proj(token)
+    if sam.pred_obj_scores:
+        present = object_score_logits.sigmoid() if sam.soft_no_obj_ptr else (
+            object_score_logits > 0).to(ptr.dtype)  # fmt: skip
+        if sam.fixed_no_obj_ptr:
+            ptr = present * ptr
+        ptr = ptr + (1 - present) * sam.no_obj_ptr
+    return ptr
+
+
+def pointer_tokens(sam: torch.nn.Module, pointers: torch.Tensor, distances: list[int],
+                   num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Object pointers (P, B, C) of earlier frames, `distances[i]` frames from the current one,
+    as memory tokens for memory attention: (P * C / mem_dim, B, mem_dim) tokens and their
+    positional encodings, as `SAM2Base._prepare_memory_conditioned_features` makes them
+    (`num_frames`: the length of the sequence, which bounds the encoding's scale)."""
+    from sam2.modeling.sam2_utils import get_1d_sine_pe
+
+    p, b, c = pointers.shape
+    m = sam.mem_dim
+    if sam.add_tpos_enc_to_obj_ptrs:
+        t_max = max(min(num_frames, sam.max_obj_ptrs_in_encoder) - 1, 1)
+        dim = c if sam.proj_tpos_enc_in_obj_ptrs else m
+        rel = torch.tensor(distances, device=pointers.device, dtype=torch.float32)
+        pos = sam.obj_ptr_tpos_proj(get_1d_sine_pe(rel / t_max, dim=dim).to(pointers.dtype))
+        pos = pos.unsqueeze(1).expand(-1, b, m)
+    else:
+        pos = pointers.new_zeros(p, b, m)
+    if m < c:  # one pointer -> C / mem_dim tokens
+        pointers = pointers.reshape(p, b, c // m, m).permute(0, 2, 1, 3).flatten(0, 1)
+        pos = pos.repeat_interleave(c // m, dim=0)
+    return pointers, pos
 
 
 def hiera_blocks(sam: torch.nn.Module) -> torch.nn.ModuleList:
@@ -231,13 +275,15 @@ def memory_pos(sam: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
 
 
 def attend_memory(sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tensor,
-                  slots: list[int] | None = None) -> torch.Tensor:  # fmt: skip
+                  slots: list[int] | None = None, pointers: tuple | None = None) -> torch.Tensor:  # fmt: skip
     """SAM 2 memory attention of a batch over retrieved memories.
 
     memory: (B, n, mem_dim, h, w) entries per image. slots: the temporal encoding of each entry
     (an index into sam2's `maskmem_tpos_enc`): sam2's video path gives a frame d steps back d - 1
     and a conditioning (prompted) frame num_maskmem - 1 (`frame_slots`). None (retrieved
     entries, the first the most relevant): entry r gets num_maskmem - 2 - r, floored at 0.
+    pointers: (object pointers (P, B, C), their distances in frames, the sequence length) of
+    earlier frames (`pointer_tokens`), attended to as well, as sam2's video path does.
     Returns the conditioned image embedding (B, C, h, w), as sam2's video path gives its decoder.
     """
     b, n, m, h, w = memory.shape
@@ -250,8 +296,16 @@ def attend_memory(sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tens
     mem_pos = (
         (pos.unsqueeze(0) + tpos.reshape(n, 1, 1, m)).reshape(n * h * w, 1, m).expand(-1, b, -1)
     )
+    mem_pos, n_ptr = mem_pos.to(mem.dtype), 0
+    if pointers is not None and sam.use_obj_ptrs_in_encoder:
+        ptr, ptr_pos = pointer_tokens(sam, *pointers)
+        mem, mem_pos = (
+            torch.cat([mem, ptr.to(mem.dtype)]),
+            torch.cat([mem_pos, ptr_pos.to(mem.dtype)]),
+        )
+        n_ptr = ptr.shape[0]
     curr = raw_embed(sam, feats).flatten(2).permute(2, 0, 1)  # (hw, B, C)
     curr_pos = feats.pos.flatten(2).permute(2, 0, 1)
     out = sam.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=mem,
-                               memory_pos=mem_pos.to(mem.dtype), num_obj_ptr_tokens=0)  # fmt: skip
+                               memory_pos=mem_pos, num_obj_ptr_tokens=n_ptr)  # fmt: skip
     return out.permute(1, 2, 0).reshape(b, -1, h, w)

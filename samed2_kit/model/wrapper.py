@@ -183,10 +183,10 @@ class SAMed2Model(nn.Module):
                 dense = dense + gate * c.dense
             if c.mask_logits is not None:
                 dense = dense + gate * _sam2.embed_mask(self.sam, c.mask_logits)
-        logits, iou, obj = _sam2.decode(self.sam, feats, sparse, dense, multimask_output,
+        logits, iou, obj, tokens = _sam2.decode(self.sam, feats, sparse, dense, multimask_output,
                                         fallback_in_training=fallback_in_training)  # fmt: skip
         aux = {n: c.aux_logits for n, c in contribs.items() if c.aux_logits is not None}
-        return SAMed2Output(logits, iou, obj, feats, encoder_feats, aux, prompts)
+        return SAMed2Output(logits, iou, obj, feats, encoder_feats, aux, prompts, tokens=tokens)
 
     def _fuse_memory(self, feats: ImageFeatures, contribs: dict) -> ImageFeatures:
         embed = feats.image_embed

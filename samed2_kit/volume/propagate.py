@@ -37,7 +37,7 @@ afterwards, and the confidence bank is only read.
 from __future__ import annotations
 
 import contextlib
-from collections import Counter, deque
+from collections import Counter
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ from samed2_kit.model import _sam2
 from samed2_kit.prompts import Prompt, check_prompt
 from samed2_kit.types import ImageFeatures, Prompts
 from samed2_kit.utils.modes import evaluation
-from samed2_kit.volume.sequence import memory_of, prompted, propagated
+from samed2_kit.volume.sequence import Pass, SliceResult, prompted, propagated
 
 DIRECTIONS = ("both", "up", "down", "none")  # none: the prompted slices only
 
@@ -166,18 +166,19 @@ def _check_prompts(prompts: dict, n: int, h: int, w: int) -> dict[int, Prompt]:
     return checked
 
 
-def _run_pass(model, feats_of: _Features, p: int, zs: list[int], start_mem: torch.Tensor,
+def _run_pass(model, feats_of: _Features, p: int, zs: list[int], start: SliceResult,
               out: np.ndarray, *, memory_frames: int, stop_after_empty: int | None, bar) -> None:  # fmt: skip
-    """Propagate from prompted slice p over `zs` (in visiting order) into `out` (Z, H, W) bool;
-    `start_mem` is p's memory features (mem_dim, h', w')."""
+    """Propagate from prompted slice p (its result `start`) over `zs` (in visiting order) into
+    `out` (Z, H, W) bool."""
     h, w = out.shape[1:]
-    recent: deque[torch.Tensor] = deque(maxlen=memory_frames)  # most recent first
+    run = Pass.begin(model.sam, start, memory_frames, len(out))
     empty_run, step = 0, 1 if zs[0] > p else -1
     for i, z in enumerate(zs):
-        feats = feats_of.get(z, step)
-        mems = memory_of(list(recent), start_mem, memory_frames)
-        out[z], mem = _decode_propagated(model, feats, mems, h, w)
-        recent.appendleft(mem)
+        mems, pointers = run.context()
+        res = propagated(model, feats_of.get(z, step), [None if mems is None else mems[:, 0]],
+                         pointers=pointers)  # fmt: skip
+        out[z] = _upsample(res.low_res_logits, h, w)
+        run.add(res)
         bar.update(1)
         empty_run = 0 if out[z].any() else empty_run + 1
         if stop_after_empty is not None and empty_run >= stop_after_empty:
@@ -223,13 +224,13 @@ def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", wi
     total = len(starts) + sum(len(zs) for _, zs in passes)
     bar = tqdm(total=total, desc="propagate", unit="slice", disable=not progress)
     with evaluation(model), contextlib.closing(bar):
-        start_mem = {}
+        start = {}
         for z in starts:  # prompted slices
             feats = feats_of.get(z)
-            out[z], start_mem[z] = _decode_prompted(model, feats, checked[z], h, w)
+            out[z], start[z] = _decode_prompted(model, feats, checked[z], h, w)
             bar.update(1)
         for p, zs in passes:
-            _run_pass(model, feats_of, p, zs, start_mem[p], out, memory_frames=memory_frames,
+            _run_pass(model, feats_of, p, zs, start[p], out, memory_frames=memory_frames,
                       stop_after_empty=stop_after_empty, bar=bar)  # fmt: skip
     return out
 
@@ -245,13 +246,17 @@ def _upsample(low: torch.Tensor, h: int, w: int) -> np.ndarray:
 
 
 def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
-    """A prompted slice -> (result (H, W) bool, memory features (mem_dim, h', w'))."""
+    """A prompted slice -> (result (H, W) bool, its SliceResult: memory features, pointer)."""
     s, dev = model.image_size, feats.image_embed.device
     if p.mask is not None:  # SAM 2's mask-as-output: logits = mask * 20 - 10, score +-10
         m = torch.as_tensor(p.mask, dtype=torch.float32, device=dev)[None, None]
         low = F.interpolate(m, (s // 4, s // 4), mode="bilinear", antialias=True) * 20 - 10
         obj = torch.full((1, 1), 10.0 if p.mask.any() else -10.0, device=dev)
-        return p.mask.copy(), _sam2.encode_memory(model.sam, feats, low, obj)[0]
+        # the pointer: the decoder run on the mask, gated by whether it holds the object
+        res = model.decode(feats, Prompts(masks=low), False)
+        pointer = _sam2.object_pointer(model.sam, res.tokens, res.iou, obj)
+        memory = _sam2.encode_memory(model.sam, feats, low, obj)
+        return p.mask.copy(), SliceResult(low, low, res.iou, obj, memory, pointer)
     scale = np.array([s / w, s / h], dtype=np.float32)  # slice pixels -> model-input pixels
     pts = lab = box = refine = None
     if p.mask_input is not None:  # an earlier mask refined by the points/box (SAM 2's rule)
@@ -263,11 +268,4 @@ def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
     if p.box is not None:
         box = torch.from_numpy((p.box.reshape(2, 2) * scale).reshape(1, 4)).to(dev)
     res = prompted(model, feats, Prompts(pts, lab, box, refine))
-    return _upsample(res.low_res_logits, h, w), res.memory[0]
-
-
-def _decode_propagated(model, feats: ImageFeatures, mems: torch.Tensor | None, h: int, w: int):
-    """An unprompted slice conditioned on `mems` (n, mem_dim, h', w'), most relevant first, or
-    None, plus the confidence bank's entries for it -> (result (H, W) bool, memory features)."""
-    res = propagated(model, feats, [mems])
-    return _upsample(res.low_res_logits, h, w), res.memory[0]
+    return _upsample(res.low_res_logits, h, w), res

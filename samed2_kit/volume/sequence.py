@@ -1,8 +1,11 @@
 """One slice conditioned on earlier results: the step SAM 2's video path repeats, shared by volume
 propagation (`propagate_volume`, inference) and sequence training (`sequence_forward`).
 
-    first = prompted(model, feats, prompts)           # a prompted slice: decoder + its memory
-    nxt = propagated(model, feats2, [mems])           # memory attention over earlier results
+    first = prompted(model, feats, prompts)           # a prompted slice: decoder, memory, pointer
+    up = Pass.begin(model.sam, first, frames=6, num_frames=n)      # one direction from it
+    mems, pointers = up.context()                     # (n, B, m, h, w), object pointers
+    nxt = propagated(model, feats2, list(mems.unbind(1)), pointers=pointers)
+    up.add(nxt)
 
 Shapes: a batch of B slices (one per object); memory features (m, h, w) with m the memory
 width and h = w = S/16; logits at S/4.
@@ -26,15 +29,53 @@ NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE: mask logits of a slice without
 class SliceResult:
     """raw_logits (B, 1, S/4, S/4) the decoder's; low_res_logits the same, set to
     NO_OBJECT_LOGIT where the object score says "absent" (what is shown and remembered);
-    iou (B, 1); object_score_logits (B, 1); memory (B, m, h, w) its memory features (after
-    corrective rounds: of the last round's logits, which low_res_logits then holds)."""
+    iou (B, 1); object_score_logits (B, 1); memory (B, m, h, w) its memory features and
+    pointer (B, C) its object pointer (after corrective rounds: of the last round, whose logits
+    low_res_logits then holds)."""
 
     raw_logits: torch.Tensor
     low_res_logits: torch.Tensor
     iou: torch.Tensor
     object_score_logits: torch.Tensor
     memory: torch.Tensor
+    pointer: torch.Tensor
     rounds: list = field(default_factory=list)  # training's corrective passes (`engine.clicks`)
+
+
+@dataclass
+class Pass:
+    """One direction of propagation from a prompted slice (`start`): what the next slice attends
+    to. `frames`: recent results whose memory features it reads (0: none, and no pointers);
+    `num_frames`: the sequence's length; `pointer_limit`: recent object pointers read (sam2:
+    min(num_frames, max_obj_ptrs_in_encoder) - 1). Make one with `Pass.begin`."""
+
+    start: SliceResult
+    frames: int
+    num_frames: int
+    pointer_limit: int
+    memories: list = field(default_factory=list)  # (B, m, h, w) of recent results, newest first
+    pointers: list = field(default_factory=list)  # (B, C) of recent results, newest first
+    seen: int = 0  # results added so far
+
+    @classmethod
+    def begin(cls, sam, start: SliceResult, frames: int, num_frames: int) -> Pass:
+        return cls(start, frames, num_frames, min(num_frames, sam.max_obj_ptrs_in_encoder) - 1)
+
+    def context(self) -> tuple:
+        """(memory (n, B, m, h, w): the `frames` newest then the prompted slice's, or None;
+        object pointers for `_sam2.attend_memory`: the prompted slice's, k + 1 slices back after
+        k results, then the newest ones, or None)."""
+        if not self.frames:
+            return None, None
+        mems = torch.stack([*self.memories, self.start.memory])
+        ptrs = torch.stack([self.start.pointer, *self.pointers])
+        distances = [self.seen + 1, *range(1, len(self.pointers) + 1)]
+        return mems, (ptrs, distances, self.num_frames)
+
+    def add(self, res: SliceResult) -> None:
+        self.memories = [res.memory, *self.memories][: self.frames]
+        self.pointers = [res.pointer, *self.pointers][: self.pointer_limit]
+        self.seen += 1
 
 
 def prompted(model, feats: ImageFeatures, prompts: Prompts, meta: dict | None = None,
@@ -46,29 +87,33 @@ def prompted(model, feats: ImageFeatures, prompts: Prompts, meta: dict | None = 
     replace the first for the memory; the rounds are in the result's `rounds`."""
     res = model.decode(feats, prompts, False, meta, fallback_in_training=True)
     raw = low = res.low_res_logits
-    obj, rounds = res.object_score_logits, []
+    obj, iou, tokens, rounds = res.object_score_logits, res.iou, res.tokens, []
     if correct is not None:
 
         def decode(index: torch.Tensor, p: Prompts):
             rows = index.tolist()
             sub = {k: [v[i] for i in rows] for k, v in (meta or {}).items()}
             r = model.decode(feats.select(index), p, False, sub, fallback_in_training=True)
-            return r.low_res_logits, r.iou, r.object_score_logits
+            return r.low_res_logits, r.iou, r.object_score_logits, r.tokens
 
         rounds = correct(decode, low)
         if rounds:
             last = rounds[-1]
-            low, obj = low.clone(), obj.clone()
+            low, obj, iou, tokens = low.clone(), obj.clone(), iou.clone(), tokens.clone()
             low[last.index], obj[last.index] = last.low_res_logits, last.object_score_logits
+            iou[last.index], tokens[last.index] = last.iou, last.tokens
     memory = _sam2.encode_memory(model.sam, feats, low, obj)
-    return SliceResult(raw, low, res.iou, res.object_score_logits, memory, rounds)
+    pointer = _sam2.object_pointer(model.sam, tokens, iou, obj)
+    return SliceResult(raw, low, res.iou, res.object_score_logits, memory, pointer, rounds)
 
 
-def _condition(model, feats: ImageFeatures, mems: list, meta: dict) -> ImageFeatures:
+def _condition(model, feats: ImageFeatures, mems: list, meta: dict,
+               pointers: tuple | None = None) -> ImageFeatures:  # fmt: skip
     """feats conditioned by memory attention on each image's earlier results (n_i, m, h, w):
-    recent ones most recent first, the prompted slice's last (`memory_of`), with sam2's temporal
-    encodings (`_sam2.frame_slots`); plus the confidence bank's entries for it (read only; while
-    training, never entries of the image's own case, `meta["case_id"]`)."""
+    recent ones newest first, the prompted slice's last (`Pass.context`), with sam2's temporal
+    encodings (`_sam2.frame_slots`), and the batch's object `pointers` ((P, B, C), distances,
+    sequence length); plus the confidence bank's entries for it (read only; while training, never
+    entries of the image's own case, `meta["case_id"]`)."""
     sam = model.sam
     bank = (
         model.memory.retrieve(sam, feats, meta) if model.memory is not None else [None] * len(mems)
@@ -86,34 +131,34 @@ def _condition(model, feats: ImageFeatures, mems: list, meta: dict) -> ImageFeat
         return feats
     embed = feats.image_embed
     if len({(m is None, tuple(s)) for m, s in pairs}) == 1:  # one call for the batch
-        out = _sam2.attend_memory(sam, feats, torch.stack([m for m, _ in pairs]), pairs[0][1])
+        out = _sam2.attend_memory(sam, feats, torch.stack([m for m, _ in pairs]), pairs[0][1],
+                                  pointers)  # fmt: skip
         return ImageFeatures(out.to(embed.dtype), feats.high_res, feats.pos)
     rows = []
     for b, (m, slots) in enumerate(pairs):
         one = feats.select(slice(b, b + 1))
-        rows.append(one.image_embed if m is None else _sam2.attend_memory(sam, one, m[None], slots))
+        ptr = None if pointers is None else (pointers[0][:, b : b + 1], *pointers[1:])
+        rows.append(one.image_embed if m is None else _sam2.attend_memory(sam, one, m[None], slots,
+                                                                          ptr))  # fmt: skip
     return ImageFeatures(torch.cat(rows).to(embed.dtype), feats.high_res, feats.pos)
 
 
-def propagated(model, feats: ImageFeatures, mems: list, meta: dict | None = None) -> SliceResult:
+def propagated(model, feats: ImageFeatures, mems: list, meta: dict | None = None,
+               pointers: tuple | None = None) -> SliceResult:  # fmt: skip
     """Slices without a prompt, each conditioned on its earlier results `mems[b]` (n_b, m, h, w),
-    most recent first with the prompted slice's last, or None: SAM 2's memory attention, the
-    decoder with no prompt (the prompt sources' clicks where they suggest some), the logits set
-    to "no object" where the object score is <= 0, and the memory encoder on those. `meta`:
-    per-image lists (`case_id`, `task`, `modality`) for the confidence bank's retrieval."""
-    cond = _condition(model, feats, list(mems), meta or {})
+    newest first with the prompted slice's last, or None, and on the batch's object `pointers`
+    (`Pass.context`): SAM 2's memory attention, the decoder with sam2's padding point (the
+    prompt sources' clicks where they suggest some), the logits set to "no object" where the
+    object score is <= 0, the memory encoder on those and the object pointer. `meta`: per-image
+    lists (`case_id`, `task`, `modality`) for the confidence bank's retrieval."""
+    cond = _condition(model, feats, list(mems), meta or {}, pointers)
     res = model.decode(cond, Prompts(), False, use_memory=False, fallback_in_training=True,
                        pad_empty=True)  # fmt: skip
     obj = res.object_score_logits
     low = torch.where((obj > 0)[..., None, None], res.low_res_logits, NO_OBJECT_LOGIT)
     memory = _sam2.encode_memory(model.sam, feats, low, obj)
-    return SliceResult(res.low_res_logits, low, res.iou, obj, memory)
-
-
-def memory_of(recent: list[torch.Tensor], start: torch.Tensor, frames: int) -> torch.Tensor | None:
-    """What a propagated slice attends to: the `frames` most recent results (most recent first)
-    and the prompted slice's memory last; None without memory (`frames` = 0)."""
-    return torch.stack([*recent[:frames], start]) if frames else None
+    pointer = _sam2.object_pointer(model.sam, res.tokens, res.iou, obj)
+    return SliceResult(res.low_res_logits, low, res.iou, obj, memory, pointer)
 
 
 def _order(n: int) -> list[int]:
@@ -156,13 +201,13 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6, clicks=None) ->
         gt, seeds = batch["mask"][centre], batch["seed"].tolist()
         fix = functools.partial(correct, prompts=prompts, gt=gt, seeds=seeds, cfg=clicks)
     done = {c: prompted(model, feats.select(centre), prompts, meta, fix)}
-    recent: dict[int, list[torch.Tensor]] = {1: [], -1: []}
+    passes = {step: Pass.begin(model.sam, done[c], memory_frames, n) for step in (1, -1)}
     for k in _order(n):
-        step = 1 if k > c else -1
-        mems = memory_of(recent[step], done[c].memory, memory_frames)  # (n_mem, B, m, h, w)
+        now = passes[1 if k > c else -1]
+        mems, pointers = now.context()  # (n_mem, B, m, h, w), object pointers
         per_image = [None] * b if mems is None else list(mems.unbind(1))
-        done[k] = propagated(model, feats.select(rows(k)), per_image, meta)
-        recent[step].insert(0, done[k].memory)
+        done[k] = propagated(model, feats.select(rows(k)), per_image, meta, pointers)
+        now.add(done[k])
     # results are slice-major (k * B + clip); the batch is clip-major (clip * N + k)
     order = torch.arange(n * b, device=images.device).reshape(n, b).T.reshape(-1)
 

@@ -31,13 +31,15 @@ def test_sequence_training_trains_the_propagation_modules(volume_store, step):
 
     recipe = _recipe(volume_store, f"train.step={step}")
     model = from_recipe(recipe)
-    before = _state(model, "sam.memory_attention.") | _state(model, "sam.memory_encoder.")
+    parts = ("sam.memory_attention.", "sam.memory_encoder.", "sam.obj_ptr", "sam.no_obj_ptr")
+    before = {k: v for p in parts for k, v in _state(model, p).items()}
     model, result, _ = train(recipe, model, volume_store, progress=False)
-    after = _state(model, "sam.memory_attention.") | _state(model, "sam.memory_encoder.")
+    after = {k: v for p in parts for k, v in _state(model, p).items()}
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert all(torch.isfinite(torch.tensor(h.loss)) for h in result.history)
-    if step == "sequence":  # SAM 2's propagation path learns
+    if step == "sequence":  # SAM 2's propagation path learns, object pointers included
         assert len(changed) > len(before) // 2
+        assert any(k.startswith(("sam.obj_ptr", "sam.no_obj_ptr")) for k in changed)
     else:  # the image step never runs it
         assert changed == []
 
@@ -49,7 +51,7 @@ def test_sequence_forward_is_the_propagation_path(volume_store):
     from samed2_kit.medbank.dataset import collate_clips
     from samed2_kit.model.assemble import from_recipe
     from samed2_kit.types import Prompts
-    from samed2_kit.volume.sequence import prompted, propagated, sequence_forward
+    from samed2_kit.volume.sequence import Pass, prompted, propagated, sequence_forward
 
     recipe = _recipe(volume_store)
     model = from_recipe(recipe).eval()
@@ -61,12 +63,19 @@ def test_sequence_forward_is_the_propagation_path(volume_store):
     feats = model.encode(batch["image"], 1)
     with torch.no_grad():
         c = prompted(model, feats.select(torch.tensor([2])), Prompts(boxes=batch["box"][2:3]))
-        nxt = propagated(model, feats.select(torch.tensor([3])), [c.memory])
+        mems, pointers = Pass.begin(model.sam, c, recipe.train.memory_frames, 5).context()
+        assert pointers[1] == [1]  # the prompted slice, one slice back
+        nxt = propagated(model, feats.select(torch.tensor([3])), list(mems.unbind(1)),
+                         pointers=pointers)  # fmt: skip
     torch.testing.assert_close(out.low_res_logits[2:3], c.raw_logits)
     torch.testing.assert_close(out.low_res_logits[3:4], nxt.raw_logits)
     out.low_res_logits.sum().backward()
-    grads = [p.grad for p in model.sam.memory_attention.parameters() if p.grad is not None]
-    assert grads and any(g.abs().sum() > 0 for g in grads)
+    # memory attention learns, and the object pointers' encodings (an untrained model calls every
+    # object absent, so the pointer is `no_obj_ptr`, and obj_ptr_proj's gradient is gated off)
+    for part in (model.sam.memory_attention, model.sam.obj_ptr_tpos_proj):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert model.sam.no_obj_ptr.grad.abs().sum() > 0
 
 
 def test_sequence_errors_name_the_fix(volume_store):
@@ -255,9 +264,11 @@ def test_sequences_compose_with_the_confidence_memory(volume_store):
     assert 0 < len(model.memory.bank) <= 8 and not model.memory.writing
 
 
-def test_memory_attention_matches_sam2s_video_path():
-    """Our conditioning of a slice on 3 earlier results and the prompted slice equals sam2's
-    `_prepare_memory_conditioned_features` (object pointers off): the same temporal encodings."""
+@pytest.mark.parametrize("pointers", [False, True])
+def test_memory_attention_matches_sam2s_video_path(pointers):
+    """Our conditioning of a slice on 3 earlier results and the prompted slice (10 slices back)
+    equals sam2's `_prepare_memory_conditioned_features`: the same temporal encodings, and the
+    same object-pointer tokens."""
     from samed2_kit.model import _sam2
     from samed2_kit.model.build import build_model
 
@@ -269,13 +280,19 @@ def test_memory_attention_matches_sam2s_video_path():
         feats = model.encode(torch.randn(1, 3, 64, 64))
         h = feats.image_embed.shape[-1]
         mems = torch.randn(4, 1, _sam2.memory_dim(sam), h, h)  # 3 recent (newest first), prompted
-        ours = _sam2.attend_memory(sam, feats, mems.transpose(0, 1), _sam2.frame_slots(sam, 3))
+        ptrs = torch.randn(4, 1, sam.hidden_dim)  # the same order: 3 recent, prompted
+        given = (ptrs[[3, 0, 1, 2]], [10, 1, 2, 3], 20) if pointers else None
+        ours = _sam2.attend_memory(sam, feats, mems.transpose(0, 1), _sam2.frame_slots(sam, 3),
+                                   given)  # fmt: skip
         pos = [_sam2.memory_pos(sam, mems[0])]
-        entry = lambda m: {"maskmem_features": m, "maskmem_pos_enc": pos}  # noqa: E731
-        outputs = {"cond_frame_outputs": {0: entry(mems[3])},
-                   "non_cond_frame_outputs": {9 - r: entry(mems[r]) for r in range(3)}}  # fmt: skip
+
+        def entry(k):
+            return {"maskmem_features": mems[k], "maskmem_pos_enc": pos, "obj_ptr": ptrs[k]}
+
+        outputs = {"cond_frame_outputs": {0: entry(3)},
+                   "non_cond_frame_outputs": {9 - r: entry(r) for r in range(3)}}  # fmt: skip
         raw = _sam2.raw_embed(sam, feats).flatten(2).permute(2, 0, 1)
-        sam.use_obj_ptrs_in_encoder = False
+        sam.use_obj_ptrs_in_encoder = pointers
         theirs = sam._prepare_memory_conditioned_features(
             10, False, [raw], [feats.pos.flatten(2).permute(2, 0, 1)], [(h, h)], outputs, 20
         )
