@@ -155,12 +155,14 @@ def cmd_info(args) -> int:
 
 def cmd_predict(args) -> int:
     from samed2_kit.model.assemble import load as load_model
+    from samed2_kit.model.assemble import read_manifest
     from samed2_kit.predict import predict_file
 
     model = load_model(args.weights).eval()
     window = tuple(args.window) if args.window else None
+    trained_on = read_manifest(Path(args.weights)).get("modalities", [])
     path = predict_file(model, args.input, args.prompts, args.out, args.format, args.modality,
-                        window, args.support, progress=True)  # fmt: skip
+                        window, args.support, progress=True, trained_on=trained_on)  # fmt: skip
     print(f"[samed2] wrote {path}")
     return 0
 
@@ -214,7 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", help="output file or folder (default: beside the input)")
     pr.add_argument("--format", default="auto", choices=PREDICT_FORMATS,
                     help="auto: png for 2D, dicom-seg for DICOM, else nifti")  # fmt: skip
-    pr.add_argument("--modality", default="auto", help="intensity handling: auto, ct, mr, 2d")
+    pr.add_argument("--modality", default="auto",
+                    help="intensity handling: auto, ct, mr, 2d (auto on a volume: what the "
+                    "model trained on, when that is one of ct/mr)")  # fmt: skip
     pr.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
                     help="CT window in HU (default 40 400)")  # fmt: skip
     pr.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),

@@ -87,12 +87,16 @@ def _output_format(fmt: str, volume, src: str | None) -> str:
 
 
 def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", modality="auto",
-                 window=None, support=None, progress=True) -> Path:  # fmt: skip
-    """Segment `input_path` with `model`; returns the mask file written (see the module doc)."""
+                 window=None, support=None, progress=True, trained_on=()) -> Path:  # fmt: skip
+    """Segment `input_path` with `model`; returns the mask file written (see the module doc).
+    `trained_on`: the modalities of the model's training data (its model.json); a volume whose
+    file names none is read with that modality's intensity rules when `modality` is "auto" and
+    it is a single "ct" or "mr"."""
     from samed2_kit.medbank.io import _format_of, read_volume
 
     input_path = Path(input_path)
     volume = read_volume(input_path)
+    modality = volume_modality(volume, modality, window, trained_on)
     fmt = _output_format(fmt, volume, _format_of(input_path))
     prompts = read_prompts(prompts_path) if prompts_path else None
     stem = input_path.name.split(".")[0] if input_path.is_file() else input_path.name
@@ -118,6 +122,20 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
         return export.write_nifti(mask, volume, target)
     # a named segment, so that an empty prediction is still a valid (empty) Segmentation
     return export.write_dicom_seg(mask, input_path, target, labels={1: "samed2 prediction"})
+
+
+def volume_modality(volume, modality: str, window, trained_on) -> str:
+    """The intensity handling for `volume`: `modality` unless it is "auto", the input is a
+    volume (several slices) whose metadata names no modality, no window is given, and the
+    model trained on exactly one of "ct"/"mr" (then that one)."""
+    named = str(volume.meta.get("modality", "")).lower() in ("ct", "mr")
+    known = sorted({str(m).lower() for m in trained_on})
+    if modality != "auto" or window is not None or named or volume.shape_zyx[0] < 2:
+        return modality
+    if len(known) == 1 and known[0] in ("ct", "mr"):
+        print(f"[samed2] intensity: {known[0]} (what the model trained on; --modality to change)")
+        return known[0]
+    return modality
 
 
 def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:

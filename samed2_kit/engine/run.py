@@ -121,6 +121,7 @@ def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) 
         f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "data": f"store {store}: {result.train_samples} training samples "
         f"(split {recipe.data.train_split}), {n_eval} held-out (split {recipe.eval.split})",
+        "modalities": store_modalities(store, recipe.data.train_split),
         "eval_prompt": recipe.eval.prompt,
         **({"eval_clicks": recipe.eval.clicks} if recipe.eval.prompt.endswith("+clicks") else {}),
         "nsd_tolerance_mm": recipe.eval.nsd_tolerance_mm,
@@ -146,6 +147,14 @@ def start_run(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool):
     if state.is_main_process and not resume:
         write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
     return state, store
+
+
+def store_modalities(store: str, split: str) -> list[str]:
+    """The modalities of a store's split (its manifest's counts), sorted."""
+    from samed2_kit.medbank.store import open_store
+
+    counts = open_store(store)[0].get("counts", [])
+    return sorted({c["modality"] for c in counts if c["split"] == split})
 
 
 def store_tasks(store: str, split: str) -> list[str]:
@@ -215,7 +224,8 @@ def write_outputs(out_dir: Path, model, recipe, summary, info, result, evaluated
     log = read_log(out_dir) or [
         {"step": h.step, "loss": h.loss} for h in result.history
     ]  # fmt: skip
-    assemble.save(model, out_dir, {"recipe": to_dict(recipe)})
+    # what the model trained on: `samed2 predict` takes its intensity handling for volumes
+    assemble.save(model, out_dir, {"recipe": to_dict(recipe), "modalities": info["modalities"]})
     ev.write_csv(rows, out_dir / "per_case.csv")
     final = [e for e in log if "loss" in e]
     metrics = {"summary": summary, "info": info, "train_seconds": result.seconds,

@@ -87,3 +87,26 @@ def test_errors_exit_2_with_the_fix(run_dir, tmp_path, capsys):
     assert main(["predict", str(run_dir), str(CT), "--prompts", box]) == 2
     assert "the prompts file needs" in capsys.readouterr().err
     assert not list((HC18 / "images").glob("*_mask*"))  # nothing written beside the input
+
+
+def test_a_volume_is_read_with_the_modality_the_model_trained_on(capsys):
+    """`--modality auto` on a NIfTI (no modality in its header) of a model trained on MR only:
+    MR's intensity rules, said aloud; anything explicit, DICOM's own modality, 2D images and
+    models of several modalities keep what they had."""
+    import numpy as np
+
+    from samed2_kit.medbank.io.volume import Volume
+    from samed2_kit.predict import volume_modality
+
+    vol = Volume(np.zeros((5, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    assert volume_modality(vol, "auto", None, ["mr"]) == "mr"
+    assert "intensity: mr" in capsys.readouterr().out
+    assert volume_modality(vol, "ct", None, ["mr"]) == "ct"
+    assert volume_modality(vol, "auto", (40, 400), ["mr"]) == "auto"
+    assert volume_modality(vol, "auto", None, ["mr", "ct"]) == "auto"
+    assert volume_modality(vol, "auto", None, ["us"]) == "auto"
+    assert volume_modality(vol, "auto", None, []) == "auto"
+    dicom = Volume(vol.array, (1.0, 1.0, 1.0), meta={"modality": "CT"})
+    assert volume_modality(dicom, "auto", None, ["mr"]) == "auto"
+    image = Volume(np.zeros((1, 8, 8), np.float32), (1.0, 1.0, 1.0))
+    assert volume_modality(image, "auto", None, ["mr"]) == "auto"
