@@ -19,10 +19,11 @@ Algorithm, for a volume (Z, H, W) (axis 0 = slices; "up" = towards higher slice 
 4. Passes: from each prompted slice p, up and/or down. Slice z's encoder features are conditioned
    by `_sam2.attend_memory` on (most recent first) the memory features of up to `memory_frames`
    earlier results of the pass, then p's (always, like SAM 2's conditioning frame), with SAM 2's
-   temporal encodings (a result d slices back: slot d - 1; p: the last slot), then the confidence
-   bank's entries retrieved for z (`model.memory.retrieve`), and decoded with SAM 2's padding
-   point as the only prompt, as its video path does (`model.decode(..., use_memory=False,
-   pad_empty=True)`). Result: logits upsampled to
+   temporal encodings (a result d slices back: slot d - 1; p: the last slot), and on the object
+   pointers of p and of up to min(Z, 16) - 1 recent results (`sequence.Pass`), then the
+   confidence bank's entries retrieved for z (`model.memory.retrieve`), and decoded with SAM 2's
+   padding point as the only prompt, as its video path does (`model.decode(...,
+   use_memory=False, pad_empty=True)`). Result: logits upsampled to
    (H, W) > 0, empty where the object score <= 0; its memory features (logits gated to "no
    object" in that case, as SAM 2 does) join the pass's queue. `memory_frames=0`: no memory of
    this volume at all (each slice decoded from its own features, plus the bank if any).
