@@ -111,8 +111,10 @@ class SegLoss(torch.nn.Module):
     """Weighted sum of segmentation, IoU-regression and object-score losses (see :class:`LossConfig`).
 
     Segmentation terms (dice_ce, focal) are computed per (sample, mask); the mask with the minimum
-    weighted segmentation loss is picked per sample and only it is used. They are averaged over
-    samples whose gt is non-empty (0 if none). The IoU term covers all samples and all M masks;
+    weighted segmentation loss is picked per sample and only it is used. They are summed over
+    samples whose gt is non-empty and divided by the number of samples B (sam2's normalisation by
+    its number of objects), so that a batch split over processes gives the same loss as one
+    process; a batch without any object gets 0. The IoU term covers all samples and all M masks;
     the object-score term covers all samples. Everything runs in float32 with autocast disabled.
     """
 
@@ -168,7 +170,9 @@ class SegLoss(torch.nn.Module):
             target = (gt.float() > 0.5).float()
             b, m = logits.shape[:2]
             present = target.flatten(1).amax(-1)  # (B,) 1.0 where gt is non-empty
-            n_present = present.sum().clamp(min=1.0)
+            # mask terms: a mean over all B rows, absent objects adding 0 (sam2 divides by its
+            # number of objects too), so a batch split over processes gives the same loss
+            n_rows = float(b)
 
             seg = self._seg_terms(logits, target.expand(b, m, -1, -1))
             weights = {"dice_ce": cfg.dice_ce, "focal": cfg.focal}
@@ -183,7 +187,7 @@ class SegLoss(torch.nn.Module):
             total = logits.new_zeros(())
             parts: dict[str, float] = {}
             for name, per_mask in seg.items():
-                value = (per_mask[rows, best] * present).sum() / n_present
+                value = (per_mask[rows, best] * present).sum() / n_rows
                 total = total + weights[name] * value
                 parts[name] = float(value.detach())
             if cfg.iou > 0:
@@ -198,13 +202,13 @@ class SegLoss(torch.nn.Module):
                 parts["object_score"] = float(value.detach())
             if cfg.boundary > 0:
                 chosen = logits[rows, best][:, None]
-                value = (boundary_loss(chosen, target) * present).sum() / n_present
+                value = (boundary_loss(chosen, target) * present).sum() / n_rows
                 total = total + cfg.boundary * value
                 parts["boundary"] = float(value.detach())
             for name, src in (source_logits or {}).items() if cfg.source > 0 else ():
                 src = _resize_to(src.float(), tuple(target.shape[-2:]))
                 per = self._dice_ce(src, target)[:, 0]
-                value = (per * present).sum() / n_present
+                value = (per * present).sum() / n_rows
                 total = total + cfg.source * value
                 parts[f"source/{name}"] = float(value.detach())
         return LossOutput(total=total, parts=parts, best_mask=best.long())

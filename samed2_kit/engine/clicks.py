@@ -11,7 +11,7 @@ mask (its logits upsampled to the ground truth's S x S, > 0) disagrees with the 
 positive on a false negative, negative on a false positive; an image without errors gets a click
 anywhere, labelled by the ground truth. A pass takes the sample's first prompt, all its clicks so
 far and the previous pass's logits (detached) as the mask input. The loss is computed on every
-pass (`round_loss`), as SAM 2 does on each of its correction steps.
+pass and summed (`round_loss`), as SAM 2 does over its correction steps.
 
 Clips of T slices: the clip's seed decides for all its T images; each image draws its own clicks.
 """
@@ -115,21 +115,17 @@ def correct(decode: Callable, first: torch.Tensor, prompts: Prompts, gt: torch.T
 
 
 def round_loss(loss_fn, first, rounds: list[Round], gt: torch.Tensor):
-    """The loss over the first prediction and every corrective round: each pass's loss
-    (`loss_fn` on its rows), averaged with its number of rows as weight. `first` is the
-    first pass's LossOutput; returns one LossOutput (parts averaged the same way)."""
+    """The loss over the first prediction and every corrective round: the first pass's loss
+    (`first`, a mean over the batch's B rows) plus each round's loss on its k rows times k / B,
+    i.e. a sum over every (row, pass) divided by B, as sam2 sums its correction steps' losses.
+    Each sample's share depends only on its own draws, so a batch split over processes gives
+    the same loss. Returns one LossOutput (parts: the first pass's, and `clicks` for the rest)."""
     if not rounds:
         return first
-    n0 = len(first.best_mask)
-    total = first.total * n0
-    sums = {k: [v * n0, n0] for k, v in first.parts.items()}  # name: [weighted sum, rows]
-    rows = n0
+    b = len(first.best_mask)
+    extra = 0.0
     for r in rounds:
-        k = len(r.index)
         loss = loss_fn(r.low_res_logits, r.iou, r.object_score_logits, gt[r.index], {})
-        total, rows = total + loss.total * k, rows + k
-        for name, v in loss.parts.items():
-            acc = sums.setdefault(name, [0.0, 0])
-            acc[0], acc[1] = acc[0] + v * k, acc[1] + k
-    parts = {name: v / n for name, (v, n) in sums.items()}
-    return type(first)(total / rows, parts, first.best_mask)
+        extra = extra + loss.total * (len(r.index) / b)
+    parts = {**first.parts, "clicks": float(extra.detach())}
+    return type(first)(first.total + extra, parts, first.best_mask)

@@ -1,11 +1,12 @@
 """Run by test_accelerate_launch.py, as `python` (1 process) or under `accelerate launch`:
 trains test-tiny a few steps on a store and writes, per rank, the parameters and the losses.
 
-    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS [memory | sources]
+    python ddp_train_script.py STORE OUT BATCH_SIZE_PER_PROCESS [memory | sources | sequence]
 
 With "memory", the model has a confidence memory (every prediction written) and each rank also
 writes the bank's digest. With "sources", both prompt sources train on few-shot episodes (the
-similarity prior clusters at its first update).
+similarity prior clusters at its first update). With "sequence" (a store of volumes), sequence
+training with simulated corrective clicks on half the runs.
 """
 
 import json
@@ -23,8 +24,12 @@ from samed2_kit.model import build_model
 def main() -> None:
     store, out, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     memory, sources = sys.argv[4:] == ["memory"], sys.argv[4:] == ["sources"]
+    sequence = sys.argv[4:] == ["sequence"]
     extra = ["data.episodes=true", "data.prompt.mode=none", "sources={hard_prototypes: {}, "
              "similarity_prior: {slots: 4, dim: 8, warmup_updates: 1}}"] if sources else []  # fmt: skip
+    if sequence:
+        extra = ["train.step=sequence", "data.sequence_len=5", "train.clicks.prob=0.5",
+                 "train.clicks.rounds=2", "data.tasks=null"]  # fmt: skip
     recipe = load_recipe(
         None,
         ["model.image_size=128", f"train.batch_size={batch}", "train.steps=3",
@@ -33,6 +38,10 @@ def main() -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     model = build_model("test-tiny", None, 128)
+    if sequence:  # memory attention's dropout draws depend on the batch layout: off here
+        for module in model.sam.memory_attention.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
     if sources:
         from samed2_kit.model.assemble import add_sources
 

@@ -98,7 +98,9 @@ def test_object_score_and_empty_gt():
     assert float(logits.grad.abs().sum()) == 0.0
 
 
-def test_segmentation_terms_average_only_nonempty_samples():
+def test_segmentation_terms_sum_nonempty_samples_over_the_batch_size():
+    """An empty sample adds 0 to the mask terms but counts in the batch size (sam2's
+    normalisation), so the mean over two half-batches equals the whole batch's loss."""
     gt = _gt_left_half(2)
     gt[1] = 0.0
     torch.manual_seed(2)
@@ -106,7 +108,10 @@ def test_segmentation_terms_average_only_nonempty_samples():
     loss = SegLoss(SEG_ONLY)
     both = loss(x, *_heads(2), gt)
     first = loss(x[:1], *_heads(1), gt[:1])
-    assert both.parts["dice_ce"] == pytest.approx(first.parts["dice_ce"], rel=1e-6)
+    empty = loss(x[1:], *_heads(1), gt[1:])
+    assert empty.parts["dice_ce"] == 0.0
+    assert both.parts["dice_ce"] == pytest.approx(first.parts["dice_ce"] / 2, rel=1e-6)
+    assert float(both.total) == pytest.approx((float(first.total) + float(empty.total)) / 2)
 
 
 def test_gradients_flow():
