@@ -162,7 +162,8 @@ def cmd_predict(args) -> int:
     window = tuple(args.window) if args.window else None
     trained_on = read_manifest(Path(args.weights)).get("modalities", [])
     path = predict_file(model, args.input, args.prompts, args.out, args.format, args.modality,
-                        window, args.support, progress=True, trained_on=trained_on)  # fmt: skip
+                        window, args.support, progress=True, trained_on=trained_on,
+                        overwrite=args.overwrite)  # fmt: skip
     print(f"[samed2] wrote {path}")
     return 0
 
@@ -213,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("weights", help="run folder (model.safetensors + model.json)")
     pr.add_argument("input", help="2D image, NIfTI/NRRD volume or DICOM series folder")
     pr.add_argument("--prompts", help='JSON: {"box": [...]} (2D) or {"slices": {"40": {...}}}')
-    pr.add_argument("--out", help="output file or folder (default: beside the input)")
+    pr.add_argument("--out", help="output file or folder (default: the current folder)")
+    pr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing output file (never done otherwise)")  # fmt: skip
     pr.add_argument("--format", default="auto", choices=PREDICT_FORMATS,
                     help="auto: png for 2D, dicom-seg for DICOM, else nifti")  # fmt: skip
     pr.add_argument("--modality", default="auto",

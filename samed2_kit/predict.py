@@ -9,7 +9,9 @@ A volume is segmented from its prompted slices by propagation through SAM 2's me
 (`samed2_kit.volume.propagate_volume`). A model with the hard_prototypes source may instead get
 `--support IMAGE MASK` (2D, few-shot): then the prompts file is optional.
 
-Outputs (atomic: a failed export leaves no file): a 2D image -> `<stem>_mask.png` (0/255); a
+Outputs (atomic: a failed export leaves no file; in the current folder unless `--out` says
+otherwise; an existing file is never replaced without `--overwrite`): a 2D image ->
+`<stem>_mask.png` (0/255); a
 volume -> `<stem>_mask.nii.gz` with the input's affine (`--format nifti`, default for NIfTI/NRRD)
 or a DICOM Segmentation referencing the source series (`--format dicom-seg`, default for DICOM).
 """
@@ -87,11 +89,14 @@ def _output_format(fmt: str, volume, src: str | None) -> str:
 
 
 def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", modality="auto",
-                 window=None, support=None, progress=True, trained_on=()) -> Path:  # fmt: skip
+                 window=None, support=None, progress=True, trained_on=(),
+                 overwrite=False) -> Path:  # fmt: skip
     """Segment `input_path` with `model`; returns the mask file written (see the module doc).
     `trained_on`: the modalities of the model's training data (its model.json); a volume whose
     file names none is read with that modality's intensity rules when `modality` is "auto" and
-    it is a single "ct" or "mr"."""
+    it is a single "ct" or "mr". `out`: a file, or a folder for `<stem>_mask.<ext>` (default:
+    the current folder); an existing file, the input above all, is replaced only with
+    `overwrite`, and the check runs before any work."""
     from samed2_kit.medbank.io import _format_of, read_volume
 
     input_path = Path(input_path)
@@ -101,8 +106,9 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
     prompts = read_prompts(prompts_path) if prompts_path else None
     stem = input_path.name.split(".")[0] if input_path.is_file() else input_path.name
     suffix = {"png": ".png", "nifti": ".nii.gz", "dicom-seg": ".dcm"}[fmt]
-    out = Path(out) if out else input_path.parent
+    out = Path(out) if out else Path.cwd()
     target = out / f"{stem}_mask{suffix}" if out.suffix == "" else out
+    _check_target(target, input_path, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "png":
         mask = _predict_2d(model, volume.array[0], prompts, modality, window, support)
@@ -156,6 +162,20 @@ def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:
     masks, _, _ = pred.predict(point_coords=p.points, point_labels=p.labels, box=p.box,
                                multimask_output=False)  # fmt: skip
     return masks[0]
+
+
+def _check_target(target: Path, input_path: Path, overwrite: bool) -> None:
+    """A clear error, before any work, when the output would replace a file (the input above
+    all) without `overwrite`, or names a folder."""
+    if target.is_dir():
+        raise ValueError(f"--out {target} is a folder named like a file: give a file name, or "
+                         "a folder without a suffix")  # fmt: skip
+    if overwrite or not target.exists():
+        return
+    if input_path.exists() and target.resolve() == input_path.resolve():
+        raise ValueError(f"--out {target} is the input itself: the mask would replace the image; "
+                         "choose another --out (or pass --overwrite to replace it)")  # fmt: skip
+    raise ValueError(f"{target} exists: choose another --out, or pass --overwrite to replace it")
 
 
 def _write_png(mask: np.ndarray, path: Path) -> Path:

@@ -110,3 +110,30 @@ def test_a_volume_is_read_with_the_modality_the_model_trained_on(capsys):
     assert volume_modality(dicom, "auto", None, ["mr"]) == "auto"
     image = Volume(np.zeros((1, 8, 8), np.float32), (1.0, 1.0, 1.0))
     assert volume_modality(image, "auto", None, ["mr"]) == "auto"
+
+
+def test_predict_never_replaces_a_file_without_overwrite(run_dir, tmp_path, capsys, monkeypatch):
+    """Default output: the current folder (never beside the input); an existing output, or the
+    input itself, is replaced only with --overwrite, and the refusal comes before any work."""
+    import shutil
+
+    image = tmp_path / "img.png"
+    shutil.copy(HC18 / "images" / "000_HC.png", image)
+    original = image.read_bytes()
+    prompts = _prompts(tmp_path, {"box": [200, 100, 600, 450]})
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["predict", str(run_dir), str(image), "--prompts", prompts]) == 0
+    written = work / "img_mask.png"
+    assert written.is_file() and not (tmp_path / "img_mask.png").exists()
+    first = written.read_bytes()
+    written.write_bytes(b"keep me")
+    assert main(["predict", str(run_dir), str(image), "--prompts", prompts]) == 2
+    assert "exists: choose another --out, or pass --overwrite" in capsys.readouterr().err
+    assert written.read_bytes() == b"keep me"
+    assert main(["predict", str(run_dir), str(image), "--prompts", prompts,
+                 "--out", str(image)]) == 2  # fmt: skip
+    assert "is the input itself" in capsys.readouterr().err and image.read_bytes() == original
+    assert main(["predict", str(run_dir), str(image), "--prompts", prompts, "--overwrite"]) == 0
+    assert written.read_bytes() == first
