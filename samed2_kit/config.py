@@ -27,11 +27,24 @@ __all__ = [
 ]  # fmt: skip
 
 
+VARIANT_NAMES = ("tiny", "small", "base_plus", "large", "test-tiny")  # `model.build.VARIANTS`
+
+
 @dataclass
 class ModelConfig:
     variant: str = "test-tiny"  # tiny | small | base_plus | large | test-tiny
     image_size: int = 256  # px, multiple of 32
     checkpoint: str | None = None  # Meta/MedSAM2 .pt or our .safetensors to start from
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANT_NAMES:
+            raise ValueError(
+                f"model.variant={self.variant!r}: choose one of {', '.join(VARIANT_NAMES)}"
+            )
+        n = self.image_size
+        if isinstance(n, bool) or not isinstance(n, int) or n < 32 or n % 32:
+            near = max(32, 32 * round(n / 32)) if isinstance(n, int | float) else 256
+            raise ValueError(f"model.image_size={n!r}: give a multiple of 32 px, e.g. {near}")
 
 
 @dataclass
@@ -113,6 +126,11 @@ class TrainConfig:
             raise ValueError(f"train.step={self.step!r}: choose one of {', '.join(TRAIN_STEPS)}")
         if self.memory_frames < 0:
             raise ValueError(f"train.memory_frames={self.memory_frames} must be >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr={self.lr}: the learning rate must be > 0, e.g. 3e-4")
+        for key in ("weight_decay", "clip_grad"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key}={getattr(self, key)} must be >= 0 (0: off)")
         for key in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key}={getattr(self, key)} must be >= 1")

@@ -82,6 +82,17 @@ def open_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def remove_unstarted(out_dir: Path) -> None:
+    """Remove a run folder this run created when it failed before its first logged step and
+    checkpoint (a bad recipe, store or checkpoint), so that the corrected rerun starts clean."""
+    from samed2_kit.engine.state import checkpoint_dirs
+
+    log = out_dir / "train_log.jsonl"
+    started = checkpoint_dirs(out_dir) or (log.is_file() and log.stat().st_size > 0)
+    if out_dir.is_dir() and not started:
+        shutil.rmtree(out_dir, ignore_errors=True)
+
+
 def validation(recipe: Recipe, store: str, tasks: list[str] | None):
     """A `validate(model) -> {"dice/<task>": value}` for the training loop (None when off)."""
     import dataclasses
@@ -182,15 +193,21 @@ def run_recipe(
 
     out_dir = Path(out_dir or recipe.out_dir)
     d = recipe.data
-    state, store = start_run(recipe, out_dir, resume, overwrite)
-    # fail before training, not after it, when a split is missing
-    eval_items = ev.eval_items(store, recipe.eval, recipe.data.tasks)
-    validate = validation(recipe, store, recipe.data.tasks)
-
-    model = assemble.from_recipe(recipe, recipe.data.tasks or store_tasks(store, d.train_split))
-    model, result, accel = train(
-        recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
-    )
+    fresh = not (out_dir.is_dir() and any(out_dir.iterdir())) or (overwrite and not resume)
+    try:
+        state, store = start_run(recipe, out_dir, resume, overwrite)
+        # fail before training, not after it, when a split is missing
+        eval_items = ev.eval_items(store, recipe.eval, recipe.data.tasks)
+        validate = validation(recipe, store, recipe.data.tasks)
+        tasks = recipe.data.tasks or store_tasks(store, d.train_split)
+        model = assemble.from_recipe(recipe, tasks)
+        model, result, accel = train(
+            recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
+        )
+    except Exception:
+        if fresh:
+            remove_unstarted(out_dir)
+        raise
     sup = model_supports(model, store, d.train_split, d.tasks, recipe.eval.supports)
     rows, preds = ev.evaluate(model, eval_items, recipe.eval, progress and accel.is_main_process,
                               supports=sup)  # fmt: skip

@@ -77,3 +77,38 @@ def test_every_shipped_recipe_validates():
         load_spec(path)
     cont = load_recipe(root / "continual_new_modality.yaml")
     assert [s.name for s in cont.continual.stages] == ["ultrasound", "ct"]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("model.variant=huge", "model.variant"), ("model.image_size=300", "model.image_size"),
+    ("train.lr=-0.001", "train.lr"), ("train.weight_decay=-1", "train.weight_decay"),
+])  # fmt: skip
+def test_bad_model_and_train_values_are_refused_when_the_recipe_is_read(override, key):
+    from samed2_kit.config import load_recipe
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        load_recipe(None, [override])
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder(hc18_store, tmp_path):
+    """An unknown task is found after the run folder was opened: the folder goes, so the
+    corrected rerun starts as if nothing happened."""
+    from samed2_kit.config import load_recipe
+    from samed2_kit.engine.run import run_recipe
+
+    base = [f"data.store={hc18_store}", "model.image_size=64", "train.steps=1",
+            "train.warmup_steps=0", "train.tensorboard=false", "train.mixed_precision=no",
+            "eval.max_items=1"]  # fmt: skip
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="tasks"):
+        run_recipe(load_recipe(None, [*base, "data.tasks=[nope]"]), out, progress=False)
+    assert not out.exists()
+    summary = run_recipe(load_recipe(None, base), out, progress=False)
+    assert summary["overall"]["n"] == 1 and (out / "model.json").is_file()
+
+
+def test_the_recipe_names_every_buildable_variant():
+    from samed2_kit.config import VARIANT_NAMES
+    from samed2_kit.model.build import VARIANTS
+
+    assert set(VARIANT_NAMES) == set(VARIANTS)
