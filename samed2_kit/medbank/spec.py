@@ -65,6 +65,7 @@ class ItemSpec:
     mask: str | None = None
     seg: str | None = None
     rtstruct: str | None = None
+    series_uid: str | None = None  # the series to read when `image` is a folder holding several
 
 
 @dataclass
@@ -91,6 +92,13 @@ class SourceSpec:
     min_area: int = 1  # masks with fewer foreground pixels count as empty
     spacing_csv: str | None = None  # pairs: CSV with file name + pixel size (mm)
     split: dict[str, float] | None = None  # this source's split fractions (default: the spec's)
+    spacing: float | list[float] | None = None  # pairs: pixel size in mm, one value or [row, col]
+    mask_threshold: int = 127  # pairs: a mask pixel above this (8-bit scale) is foreground
+    mask_channel: int | None = None  # pairs: RGB masks whose channels differ: use this channel
+    mask_colors: dict[str, list[int]] = field(default_factory=dict)  # pairs: label -> [r, g, b]
+    fov: str | None = None  # pairs: field-of-view mask pattern with {id}; 0 outside = ignored
+    case_from: str | None = None  # share case ids and splits with this (earlier) source
+    split_by: str = "case"  # "case", or "slab": each volume cut into contiguous z slabs per split
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -113,6 +121,32 @@ class SourceSpec:
             raise ValueError(
                 f"source {self.name!r}: layout dicom needs items (image = series folder)"
             )
+        if self.split_by not in ("case", "slab"):
+            raise ValueError(
+                f"source {self.name!r}: split_by={self.split_by!r}; use 'case' (whole cases) or "
+                "'slab' (contiguous slabs of each volume, for a source of one or few volumes)"
+            )
+        if not 0 <= self.mask_threshold < 255:
+            raise ValueError(f"source {self.name!r}: mask_threshold must be in [0, 254]")
+        if self.mask_channel is not None and self.mask_channel not in (0, 1, 2):
+            raise ValueError(f"source {self.name!r}: mask_channel must be 0 (R), 1 (G) or 2 (B)")
+        if self.mask_channel is not None and self.mask_colors:
+            raise ValueError(f"source {self.name!r}: give mask_channel or mask_colors, not both")
+        for label, rgb in self.mask_colors.items():
+            if len(rgb) != 3 or not all(0 <= int(c) <= 255 for c in rgb):
+                raise ValueError(
+                    f"source {self.name!r}: mask_colors[{label!r}]={rgb}; give [r, g, b] in 0..255"
+                )
+        sp = self.spacing if isinstance(self.spacing, list) else [self.spacing]
+        if self.spacing is not None and not (len(sp) in (1, 2) and all(v and v > 0 for v in sp)):
+            raise ValueError(
+                f"source {self.name!r}: spacing={self.spacing}; give the pixel size in mm, one "
+                "positive number or [row, col]"
+            )
+        if self.spacing is not None and self.spacing_csv:
+            raise ValueError(f"source {self.name!r}: give spacing or spacing_csv, not both")
+        if self.case_from == self.name:
+            raise ValueError(f"source {self.name!r}: case_from names the source itself")
         if not 0.0 <= self.empty_keep_fraction <= 1.0:
             raise ValueError(f"source {self.name!r}: empty_keep_fraction must be in [0, 1]")
 
@@ -148,6 +182,14 @@ def load_spec(path: str | Path) -> tuple[BuildSpec, str]:
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ValueError(f"spec {path}: source names must be unique; repeated: {sorted(dup)}")
+    if not spec.sources:
+        raise ValueError(f"spec {path}: sources is empty: list at least one source")
+    for i, s in enumerate(spec.sources):
+        if s.case_from and s.case_from not in names[:i]:
+            raise ValueError(
+                f"spec {path}: source {s.name!r} case_from={s.case_from!r}: name a source listed "
+                f"before it ({names[:i] or 'none'})"
+            )
     for s in spec.sources:
         root = Path(s.root).expanduser()
         s.root = str(root if root.is_absolute() else (path.parent / root).resolve())

@@ -118,7 +118,20 @@ def from_dict(cls, data: dict | None, where: str = "", source: str = "<recipe>")
             kwargs[key] = _coerce_kinds(value, kinds(), full, source)
         else:
             kwargs[key] = _coerce(value, hints[key], full, source)
-    return cls(**kwargs)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.init
+        and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]  # fmt: skip
+    if missing:
+        keys = ", ".join(f"{where}.{n}" if where else n for n in missing)
+        raise ValueError(f"{source}: {keys} missing: add {'it' if len(missing) == 1 else 'them'}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        if source in str(e):
+            raise
+        raise ValueError(f"{source}: {e}") from e
 
 
 def to_dict(obj) -> dict:
