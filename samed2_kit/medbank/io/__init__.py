@@ -68,7 +68,7 @@ def _image_volume(path: Path, labels: bool):
     return Volume(np.ascontiguousarray(arr[None]), (1.0, 1.0, 1.0), meta=meta)
 
 
-def read_volume(path, labels: bool = False):
+def read_volume(path, labels: bool = False, series_uid: str | None = None):
     """Read any supported volume or image file as a `Volume` (array (Z, Y, X), spacing (z, y, x)
     mm, affine voxel (x, y, z) -> RAS+ mm; see ``medbank.io.volume``).
 
@@ -82,6 +82,8 @@ def read_volume(path, labels: bool = False):
         path: file or DICOM series folder.
         labels: read a label map: integer array (NIfTI/NRRD/DICOM values must be whole numbers;
             an image is read raw, not thresholded, and RGB with equal channels gives one channel).
+        series_uid: DICOM only: the SeriesInstanceUID to read from a folder holding several
+            (spec key `series_uid`, `samed2 predict --series-uid`).
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -93,6 +95,13 @@ def read_volume(path, labels: bool = False):
     fmt = _format_of(path)
     if fmt is None:
         raise ValueError(f"{path}: unsupported file type. Supported formats: {SUPPORTED_VOLUMES}")
+    if series_uid is not None:
+        if fmt != "dicom":
+            raise ValueError(
+                f"{path}: series_uid={series_uid!r} applies to DICOM only, and this is {fmt}; "
+                "remove series_uid"
+            )
+        return _read_dicom(path, labels, series_uid)
     return READERS[fmt].read(path, labels)
 
 
@@ -119,10 +128,10 @@ def _read_npz(path: Path, labels: bool):
     return gts
 
 
-def _read_dicom(path: Path, labels: bool):
+def _read_dicom(path: Path, labels: bool, series_uid: str | None = None):
     from samed2_kit.medbank.io.dicom import read_dicom_series
 
-    vol = read_dicom_series(path)
+    vol = read_dicom_series(path, series_uid)
     if labels:
         from samed2_kit.medbank.io.labels import to_label_array
 

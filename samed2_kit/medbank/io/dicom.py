@@ -153,7 +153,10 @@ def _resolve(path, series_uid: str | None) -> tuple[list[Path], str]:
     if not hits:
         raise ValueError(f"{p}: no image series {series_uid or ''} here; found: {found or 'none'}")
     if len(hits) > 1:
-        raise ValueError(f"{p}: holds {len(hits)} series; pass series_uid= one of: {found}")
+        raise ValueError(
+            f"{p}: holds {len(hits)} series; choose one: spec item key `series_uid:` (medbank), "
+            f"`samed2 predict --series-uid` or read_volume(..., series_uid=); found: {found}"
+        )
     return [Path(f) for f in hits[0].files], str(p)
 
 
