@@ -172,7 +172,7 @@ def test_read_volume_dispatch(tmp_path, name):
 
 def test_read_volume_dicom_dispatch_and_errors(tmp_path, monkeypatch):
     calls, stub = [], types.ModuleType("samed2_kit.medbank.io.dicom")
-    stub.read_dicom_series = lambda p: calls.append(Path(p)) or "series"
+    stub.read_dicom_series = lambda p, series_uid=None: calls.append(Path(p)) or "series"
     monkeypatch.setitem(sys.modules, "samed2_kit.medbank.io.dicom", stub)
     (tmp_path / "x.dcm").write_bytes(b"")
     (tmp_path / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # no extension
