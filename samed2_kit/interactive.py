@@ -29,7 +29,8 @@ class ClickSegmenter:
             `encode=False` (the predictor already holds it).
         multimask: for a single click (ambiguous) ask for three candidates and keep the best
             scoring; later clicks ask for one mask.
-        box: optional fixed (x0, y0, x1, y1) box sent with every prompt.
+        box: optional fixed (x0, y0, x1, y1) box sent with every prompt (corners in any order;
+            checked against the image here, so a bad box fails now, not inside a click handler).
         modality, window: intensity handling for `set_image` (window also sets the display).
     """
 
@@ -37,8 +38,13 @@ class ClickSegmenter:
                  modality="auto", window=None, encode=True, color=(0.1, 0.6, 1.0)):  # fmt: skip
         import matplotlib.pyplot as plt
 
+        from samed2_kit.prompts import check_prompt, is_given
+
         self.predictor, self.image = predictor, np.asarray(image)
-        self.multimask, self.box = multimask, None if box is None else np.asarray(box, float)
+        self.multimask, self.box = multimask, None
+        if is_given(box):
+            hw = self.image.shape[:2]
+            self.box = check_prompt({"box": box}, hw, "ClickSegmenter", fields=("box",)).box
         if encode:
             predictor.set_image(self.image, modality=modality, window=window)
         if ax is None:

@@ -5,6 +5,12 @@ Prompts file (JSON), coordinates in pixels of the image / slice, x before y:
     {"box": [x0, y0, x1, y1], "points": [[x, y], ...], "labels": [1, 0, ...]}         # a 2D image
     {"slices": {"40": {"box": [...]}, "52": {"points": [[x, y]], "labels": [1]}}}       # a volume
 
+The rules are `samed2_kit.prompts.check_prompt`'s, the same as the Python API's: an empty list is
+a key left out, a box is its two corners in any order, points without "labels" are foreground,
+coordinates are finite and inside the image. A 2D image is checked (`check_image`: at least 8 px
+a side; RGBA loses its alpha channel when read) and its prompt checked against it before any
+work. `--series-uid UID` picks one series of a DICOM folder holding several.
+
 A volume is segmented from its prompted slices by propagation through SAM 2's memory path
 (`samed2_kit.volume.propagate_volume`). A model with the hard_prototypes source may instead get
 `--support IMAGE MASK` (2D, few-shot): then the prompts file is optional.
@@ -29,14 +35,9 @@ FILE_FIELDS = ("box", "points", "labels")  # a prompts file's keys (a Prompt wit
 
 
 def _prompt(entry, where: str) -> Prompt:
-    """A prompts file's entry -> a Prompt (labels default to 1 for every point); shapes checked,
-    ranges later, against the image (Predictor) or the slice (propagate_volume)."""
-    if isinstance(entry, dict) and entry.get("points") is not None and entry.get("labels") is None:
-        try:
-            n = np.asarray(entry["points"], np.float32).size // 2
-        except (TypeError, ValueError):
-            n = 0  # check_prompt names the bad points
-        entry = {**entry, "labels": [1] * n}
+    """A prompts file's entry -> a Prompt (points without labels: all foreground, as everywhere);
+    shapes and values checked, ranges later, against the image (`_check_2d`) or the slice
+    (propagate_volume)."""
     return check_prompt(entry, where=where, fields=FILE_FIELDS)
 
 
@@ -90,8 +91,9 @@ def _output_format(fmt: str, volume, src: str | None) -> str:
 
 def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", modality="auto",
                  window=None, support=None, progress=True, trained_on=(),
-                 overwrite=False) -> Path:  # fmt: skip
+                 overwrite=False, series_uid=None) -> Path:  # fmt: skip
     """Segment `input_path` with `model`; returns the mask file written (see the module doc).
+    `series_uid`: the DICOM series to read from a folder holding several (`--series-uid`).
     `trained_on`: the modalities of the model's training data (its model.json); a volume whose
     file names none is read with that modality's intensity rules when `modality` is "auto" and
     it is a single "ct" or "mr". `out`: a file, or a folder for `<stem>_mask.<ext>` (default:
@@ -100,7 +102,12 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
     from samed2_kit.medbank.io import _format_of, read_volume
 
     input_path = Path(input_path)
-    volume = read_volume(input_path)
+    if series_uid is not None and input_path.exists() and _format_of(input_path) != "dicom":
+        raise ValueError(
+            f"--series-uid picks a series of a DICOM folder, and {input_path} is not DICOM: "
+            "leave --series-uid out"
+        )
+    volume = read_volume(input_path, series_uid=series_uid)
     modality = volume_modality(volume, modality, window, trained_on)
     fmt = _output_format(fmt, volume, _format_of(input_path))
     prompts = read_prompts(prompts_path) if prompts_path else None
@@ -109,15 +116,17 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
     out = Path(out) if out else Path.cwd()
     target = out / f"{stem}_mask{suffix}" if out.suffix == "" else out
     _check_target(target, input_path, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "png":
-        mask = _predict_2d(model, volume.array[0], prompts, modality, window, support)
+        image = _check_2d(volume.array[0], prompts, support, input_path, prompts_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mask = _predict_2d(model, image, prompts, modality, window, support)
         return _write_png(mask, target)
     if prompts is None or "slices" not in prompts:
         raise ValueError(
             f"{input_path} is a volume ({volume.shape_zyx[0]} slices): the prompts file needs "
             '"slices": {"<slice number>": {"box": [...]}}'
         )
+    target.parent.mkdir(parents=True, exist_ok=True)
     from samed2_kit.volume import propagate_volume
 
     mask = propagate_volume(model, volume, prompts["slices"], modality=modality, window=window,
@@ -127,7 +136,8 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
     if fmt == "nifti":
         return export.write_nifti(mask, volume, target)
     # a named segment, so that an empty prediction is still a valid (empty) Segmentation
-    return export.write_dicom_seg(mask, input_path, target, labels={1: "samed2 prediction"})
+    return export.write_dicom_seg(mask, input_path, target, labels={1: "samed2 prediction"},
+                                  series_uid=series_uid)  # fmt: skip
 
 
 def volume_modality(volume, modality: str, window, trained_on) -> str:
@@ -144,6 +154,24 @@ def volume_modality(volume, modality: str, window, trained_on) -> str:
     return modality
 
 
+def _check_2d(image, prompts, support, input_path: Path, prompts_path) -> np.ndarray:
+    """`image` checked (`check_image`) and its prompt checked against its size, before any work
+    (a clear error and no output folder)."""
+    from samed2_kit.model.predictor import check_image
+
+    if support is None and prompts is None:
+        raise ValueError("a 2D prediction needs --prompts (or --support IMAGE MASK for few-shot)")
+    if prompts is not None and "slices" in prompts:
+        raise ValueError('a 2D image takes a prompts file without "slices": {"box": [...]}')
+    image = check_image(image, str(input_path))
+    if prompts is not None:
+        try:
+            check_prompt(prompts["image"], image.shape[:2], fields=FILE_FIELDS)
+        except ValueError as e:
+            raise ValueError(f"prompts file {prompts_path}: {e}") from e
+    return image
+
+
 def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:
     from samed2_kit.model.predictor import Predictor
 
@@ -153,10 +181,6 @@ def _predict_2d(model, image, prompts, modality, window, support) -> np.ndarray:
 
         images, masks = zip(*[(read_image(i), read_mask(m)) for i, m in support], strict=True)
         pred.set_support(list(images), list(masks), modality=modality, window=window)
-    elif prompts is None:
-        raise ValueError("a 2D prediction needs --prompts (or --support IMAGE MASK for few-shot)")
-    if prompts is not None and "slices" in prompts:
-        raise ValueError('a 2D image takes a prompts file without "slices": {"box": [...]}')
     pred.set_image(image, modality=modality, window=window)
     p = prompts["image"] if prompts else Prompt()
     masks, _, _ = pred.predict(point_coords=p.points, point_labels=p.labels, box=p.box,

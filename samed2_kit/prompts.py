@@ -11,6 +11,19 @@ Boxes are ``xyxy`` with SAM's *max-index* convention (as SAM / MedSAM training c
 (col 5, row 7) has box (5, 7, 5, 7). Points are pixel indices: pixel (row r, col c) -> (c, r);
 SAM 2's prompt encoder adds the half-pixel shift to the centre itself (as sam2's own predictor
 expects). Every random draw comes from the ``np.random.Generator`` passed in.
+
+Rules for a user's prompt (`check_prompt`; the same for `Predictor.predict`, a prompts file of
+`samed2 predict` and `propagate_volume`):
+
+- an empty list or array (``[]``, shape (0, 2), ...) is the same as leaving the field out; a
+  prompt with nothing left is an error that names the fields to give;
+- a box is its two corners in any order: ``[x1, y1, x0, y0]`` is sorted to ``[x0, y0, x1, y1]``
+  (each coordinate pair on its own), so a reversed box gives the ordered box's mask;
+- coordinates are finite numbers (NaN, infinity and strings are errors naming the field), and
+  lie in [0, W] x [0, H] of the image (outside is an error naming the image size);
+- points are (N, 2) ``[[x, y], ...]``, or one ``[x, y]``; labels are 1 (foreground) or 0
+  (background), one per point; points without labels are all foreground (a click on the
+  object); labels without points are an error.
 """
 
 from __future__ import annotations
@@ -80,25 +93,63 @@ def _as_prompt(prompt, fields: tuple[str, ...], at: str) -> Prompt:
     return prompt
 
 
-def _check_box(raw, many_boxes: bool, name: str) -> np.ndarray:
-    """`raw` as a (4,) float32 xyxy box, or (K, 4) with `many_boxes`; `name` names it in errors."""
+def is_given(raw) -> bool:
+    """Whether a prompt field holds something: None and empty lists / arrays (size 0) do not."""
+    if raw is None:
+        return False
+    if hasattr(raw, "shape"):  # an array or a tensor: no copy
+        return int(np.prod(raw.shape)) > 0
     try:
-        box = np.asarray(raw, np.float32)
+        return np.asarray(raw, dtype=object).size > 0
+    except (TypeError, ValueError):  # something odd: the field's own check names it
+        return True
+
+
+def _coordinates(raw, name: str, what: str) -> np.ndarray:
+    """`raw` as a float32 array of finite numbers; `what` says the expected layout in errors."""
+    try:
+        arr = np.asarray(raw)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be numbers [x0, y0, x1, y1] ({e})") from e
+        raise ValueError(f"{name} must be {what} ({e})") from e
+    if arr.dtype.kind not in "iuf":
+        kind = {"U": "text", "S": "text", "b": "true/false"}.get(arr.dtype.kind, "non-numeric")
+        raise ValueError(
+            f"{name} must be {what} in pixels; got {kind} values {np.ravel(arr)[:4].tolist()}: "
+            "give plain numbers"
+        )
+    arr = arr.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ValueError(
+            f"{name} {arr.tolist()} holds NaN or infinite values: give finite pixel "
+            "coordinates, x before y"
+        )
+    return arr
+
+
+def _check_box(raw, many_boxes: bool, name: str) -> np.ndarray:
+    """`raw` as a (4,) float32 xyxy box, or (K, 4) with `many_boxes`, corners sorted (a box is
+    its two corners in any order); `name` names it in errors."""
+    box = _coordinates(raw, name, "numbers [x0, y0, x1, y1]")
     if box.size == 0 or box.size % 4 or box.ndim > 2 or (box.size > 4 and not many_boxes):
         shape = "(4,) or (K, 4)" if many_boxes else "4"
         raise ValueError(f"{name} must be {shape} numbers [x0, y0, x1, y1], got shape {box.shape}")
-    return box.reshape(-1, 4) if many_boxes else box.reshape(4)
+    rows = box.reshape(-1, 4)
+    xs, ys = np.sort(rows[:, 0::2], axis=1), np.sort(rows[:, 1::2], axis=1)
+    rows = np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1)
+    return rows if many_boxes else rows.reshape(4)
 
 
-def _check_points(raw, name: str) -> np.ndarray | None:
-    """`raw` as (N, 2) float32 x, y points, None when N = 0; `name` names it in errors."""
-    try:
-        pts = np.asarray(raw, np.float32).reshape(-1, 2)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a list of [x, y] ({e})") from e
-    return pts if len(pts) else None
+def _check_points(raw, name: str) -> np.ndarray:
+    """`raw` as (N, 2) float32 x, y points (one [x, y] counts as N = 1); `name` names it."""
+    pts = _coordinates(raw, name, "a list of [x, y]")
+    if pts.shape == (2,):
+        return pts.reshape(1, 2)
+    if pts.ndim != 2 or pts.shape[1] != 2:
+        raise ValueError(
+            f"{name} must be a list of [x, y] (shape (N, 2)), got shape {pts.shape}: "
+            "give [[x, y], ...]"
+        )
+    return pts
 
 
 def _mask_array(raw, hw: tuple[int, int] | None, name: str) -> np.ndarray:
@@ -110,18 +161,25 @@ def _mask_array(raw, hw: tuple[int, int] | None, name: str) -> np.ndarray:
     return mask
 
 
+LABELS_RULE = "labels: 1 = foreground, 0 = background"
+
+
 def _check_labels(raw, n_points: int, at: str, names: dict[str, str], name: str) -> np.ndarray:
-    """`raw` as (N,) int64 labels, one per point, each 1 (fg) or 0 (bg)."""
-    if raw is None:
-        raise ValueError(f"{name} missing: give one label per point (1 fg, 0 bg)")
-    labels = np.asarray(raw).reshape(-1)
+    """`raw` as (N,) int64 labels, one per point, each 1 (fg) or 0 (bg); none given: all 1."""
+    if not is_given(raw):
+        return np.ones(n_points, np.int64)
+    try:
+        labels = np.asarray(raw).reshape(-1)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a list of 1 or 0, one per point ({e})") from e
     if len(labels) != n_points:
         raise ValueError(
             f"{at}{n_points} {names.get('points', 'points')} but {len(labels)} "
-            f"{names.get('labels', 'labels')}: give one label per point (1 fg, 0 bg)"
+            f"{names.get('labels', 'labels')}: give one label per point ({LABELS_RULE}), or "
+            "leave the labels out for all-foreground points"
         )
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError(f"{name} {labels.tolist()}: each must be 1 (fg) or 0 (bg)")
+    if labels.dtype.kind not in "biuf" or not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"{name} {labels.tolist()}: each must be 1 or 0 ({LABELS_RULE})")
     return labels.astype(np.int64)
 
 
@@ -149,12 +207,13 @@ def check_prompt(
 ) -> Prompt:
     """A validated copy of `prompt` (a Prompt, or a dict of its fields) on an (H, W) image.
 
-    Returns box (4,) float32 (with ``many_boxes``: (K, 4), one object per box), points (N, 2)
-    float32, labels (N,) int64, mask and mask_input (H, W) bool. Points with N = 0 count as no
-    points; labels without points are dropped. Checks: a dict's keys are in ``fields``; something
-    is given; shapes; one label per point, each 1 or 0; a mask comes alone (it is the result);
-    a mask_input comes with points or a box; with ``hw``, every point and box corner lies in
-    [0, W] x [0, H] and the masks are (H, W).
+    Returns box (4,) float32 with its corners sorted (with ``many_boxes``: (K, 4), one object
+    per box), points (N, 2) float32, labels (N,) int64, mask and mask_input (H, W) bool. An
+    empty list / array counts as the field left out; points without labels are all foreground
+    (label 1). Checks (the module docstring's rules): a dict's keys are in ``fields``; something
+    is given; shapes; finite numbers; one label per point, each 1 or 0, and no labels without
+    points; a mask comes alone (it is the result); a mask_input comes with points or a box; with
+    ``hw``, every point and box corner lies in [0, W] x [0, H] and the masks are (H, W).
 
     ``where`` names the prompt in errors (e.g. "prompts[40]"); ``names`` renames fields in them
     (e.g. {"points": "point_coords"} for the Predictor's arguments). Raises ValueError naming the
@@ -167,17 +226,28 @@ def check_prompt(
 
     at = f"{where}: " if where else ""
     prompt = _as_prompt(prompt, fields, at)
+    given = {name: is_given(getattr(prompt, name, None)) for name in PROMPT_FIELDS}
     box = pts = labels = None
-    if prompt.box is not None:
+    if given["box"]:
         box = _check_box(prompt.box, many_boxes, field("box"))
-    if prompt.points is not None:
+    if given["points"]:
         pts = _check_points(prompt.points, field("points"))
-    if getattr(prompt, "mask_input", None) is not None and pts is None and box is None:
+    if given["labels"] and pts is None:
+        raise ValueError(
+            f"{field('labels')} given without {names.get('points', 'points')}: give one [x, y] "
+            "point per label, or leave the labels out"
+        )
+    if given["mask_input"] and pts is None and box is None:
         raise ValueError(f"{at}a mask_input is refined by points or a box: give them with it")
-    if pts is None and box is None and prompt.mask is None:
-        hint = "a box and/or points (+ labels)" + (", or a mask" if "mask" in fields else "")
+    if pts is None and box is None and not given["mask"]:
+        keys = [names.get(k, k) for k in ("box", "points", "labels")]
+        hint = (
+            f"a box and/or points (+ labels): {keys[0]} [x0, y0, x1, y1], {keys[1]} "
+            f"[[x, y], ...], {keys[2]} [1 or 0 per point]"
+        )
+        hint += ", or a mask" if "mask" in fields else ""
         raise ValueError(f"{where or 'the prompt'} is empty: give {hint}")
-    if prompt.mask is not None:
+    if given["mask"]:
         mask = _mask_array(prompt.mask, hw, field("mask"))
         if pts is not None or box is not None:
             raise ValueError(f"{at}a mask is the image's result; give it without points/box")
@@ -186,9 +256,9 @@ def check_prompt(
         labels = _check_labels(prompt.labels, len(pts), at, names, field("labels"))
     if hw is not None:
         _check_inside(pts, box, hw, field)
-    refine = getattr(prompt, "mask_input", None)
-    if refine is not None:
-        refine = _mask_array(refine, hw, field("mask_input"))
+    refine = None
+    if given["mask_input"]:
+        refine = _mask_array(prompt.mask_input, hw, field("mask_input"))
         refine = refine if refine.dtype == bool else refine > 0
     return Prompt(box=box, points=pts, labels=labels, mask_input=refine)
 

@@ -14,20 +14,80 @@ predict query images with no prompt, or with points/boxes as well:
     pred.set_support(support_image, support_mask)
     pred.set_image(query_image)
     masks, scores, logits = pred.predict(multimask_output=False)
+
+Images (`check_image`): (H, W) grey, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA (the alpha
+channel is dropped, with a logged note); each side at least `MIN_IMAGE_SIDE` (8) px; integer,
+bool or float pixels, all finite. Prompts follow `samed2_kit.prompts.check_prompt`'s rules
+(empty = left out, box corners in any order, points without labels are foreground).
 """
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from samed2_kit.model.wrapper import Prompts, SAMed2Model
-from samed2_kit.prompts import Prompt, check_prompt
+from samed2_kit.prompts import Prompt, check_prompt, is_given
 from samed2_kit.types import ImageFeatures
 
 # predict()'s argument names, for check_prompt's errors
 PREDICT_NAMES = {"points": "point_coords", "labels": "point_labels"}
+# the smallest image side (px) set_image takes: smaller is a crop or a thumbnail, not an image
+MIN_IMAGE_SIDE = 8
+
+logger = logging.getLogger(__name__)
+
+
+def check_image(image, where: str = "set_image", note_alpha: bool = True) -> np.ndarray:
+    """`image` as an (H, W) or (H, W, 3) array the intensity handling takes, or a ValueError
+    that starts with `where` and names the fix.
+
+    Takes (H, W), (H, W, 1) (-> (H, W)), (H, W, 3) and (H, W, 4) RGBA (-> RGB: the alpha channel
+    is dropped, logged as a warning when `note_alpha`); each side >= `MIN_IMAGE_SIDE` px;
+    integer, bool or float pixels, every float pixel finite (no NaN / infinity).
+    """
+    try:
+        image = np.asarray(image)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: the image is not an array of pixels ({e})") from e
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+        hint = "for a volume, pass one slice (volume[z])"
+        if image.ndim == 3 and image.shape[0] in (1, 3, 4):
+            hint = "channels first? use image.transpose(1, 2, 0); " + hint
+        raise ValueError(
+            f"{where}: expected (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA array, got shape "
+            f"{image.shape}; {hint}"
+        )
+    if image.ndim == 3 and image.shape[2] == 4:
+        if note_alpha:
+            logger.warning("%s: RGBA image: the alpha channel is dropped (the model reads RGB)",
+                           where)  # fmt: skip
+        image = image[:, :, :3]
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(
+            f"{where}: the image is {w}x{h} (WxH) pixels; each side must be at least "
+            f"{MIN_IMAGE_SIDE} px: give the whole image, not a crop or a thumbnail"
+        )
+    if image.dtype.kind not in "biuf":
+        raise ValueError(
+            f"{where}: the image has dtype {image.dtype}: give integer or float pixel values"
+        )
+    if image.dtype.kind == "f":
+        bad = ~np.isfinite(image)
+        if bad.any():
+            r, c = np.argwhere(bad)[0][:2]
+            raise ValueError(
+                f"{where}: the image holds {int(bad.sum())} NaN or infinite pixel values (the "
+                f"first at row {r}, column {c}): replace them first, e.g. "
+                "np.nan_to_num(image, nan=background, posinf=..., neginf=...) (-1000 for CT in HU)"
+            )
+    return image
 
 
 class Predictor:
@@ -64,7 +124,9 @@ class Predictor:
         """Encode `image` once.
 
         Args:
-            image: (H, W) grey or (H, W, 3) RGB; uint8, uint16 or float (CT in HU).
+            image: (H, W) grey or (H, W, 3) RGB; uint8, uint16 or float (CT in HU); (H, W, 4)
+                RGBA loses its alpha channel (logged). At least 8 px a side, no NaN/infinity
+                (`check_image`).
             modality: "auto", "ct" (window by level/width in HU), "mr" (percentile clip) or "2d"
                 (as is); see `samed2_kit.medbank.preprocess.normalize_intensity`.
             window: CT (level, width) in HU, default (40, 400).
@@ -75,14 +137,12 @@ class Predictor:
         """
         from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
 
-        image = np.asarray(image)
-        if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
-            raise ValueError(
-                f"set_image: expected (H, W) or (H, W, 3) array, got shape {image.shape}; "
-                "for a volume, pass one slice (volume[z])"
-            )
+        image = check_image(image, "set_image")
         t = self.clip_len
-        clip = [image] * t if neighbors is None or t == 1 else _check_clip(neighbors, image, t)
+        clip = [image] * t
+        if neighbors is not None and t > 1:
+            clip = [check_image(c, f"set_image: neighbors[{i}]", note_alpha=False)
+                    for i, c in enumerate(_check_clip(neighbors, image, t))]  # fmt: skip
         size = self.model.image_size
         x = torch.stack([to_model_input(normalize_intensity(c, modality=modality, window=window),
                                         size) for c in clip]).to(self.device)  # fmt: skip
@@ -105,7 +165,8 @@ class Predictor:
         """Annotated support examples for few-shot prediction (replacing earlier ones).
 
         Args:
-            images: one image (H, W) / (H, W, 3) array, or a list of them (any sizes).
+            images: one image (H, W) / (H, W, 3) array, or a list of them (any sizes; each
+                checked as `set_image` checks its image).
             masks: the matching (H, W) masks (bool or 0/1), one per image, each the size of
                 its image.
             modality, window: intensity handling, as in `set_image`.
@@ -134,7 +195,7 @@ class Predictor:
         xs, ms = [], []
         s = self.model.image_size
         for k, (img, m) in enumerate(zip(images, masks, strict=True)):
-            img, m = np.asarray(img), np.asarray(m)
+            img, m = check_image(img, f"set_support: support {k}"), np.asarray(m)
             if m.ndim != 2 or img.shape[:2] != m.shape:
                 raise ValueError(
                     f"support {k}: image {img.shape[:2]} and mask {m.shape} differ in size: "
@@ -175,11 +236,16 @@ class Predictor:
         """Masks for the prompts on the current image.
 
         Args:
-            point_coords: (N, 2) x, y in original-image pixels; point_labels: (N,) 1 fg / 0 bg.
-            box: (4,) x0, y0, x1, y1 in original-image pixels, or (K, 4) for K objects at once.
+            point_coords: (N, 2) x, y in original-image pixels; point_labels: (N,) 1 fg / 0 bg,
+                default all 1 (foreground).
+            box: (4,) x0, y0, x1, y1 in original-image pixels (corners in any order: sorted), or
+                (K, 4) for K objects at once.
             mask_input: (1, S/4, S/4) logits, e.g. `low_res_logits` of an earlier call.
             multimask_output: three candidate masks (ambiguous prompts) instead of one.
             return_logits: return float logits instead of boolean masks.
+
+        An empty list / array is the same as None; the rules are `check_prompt`'s
+        (`samed2_kit.prompts`): finite coordinates inside the image, labels 1 or 0.
 
         Returns:
             masks (C, H, W) (or (K, C, H, W) for K boxes), scores (C,) predicted IoU,
@@ -188,16 +254,17 @@ class Predictor:
         if self._features is None:
             raise RuntimeError("call set_image(image) before predict(...)")
         p = Prompt()
-        if point_coords is not None or box is not None:
+        if any(is_given(v) for v in (point_coords, point_labels, box)):
             given = Prompt(box=box, points=point_coords, labels=point_labels)
             p = check_prompt(given, self._orig_hw, names=PREDICT_NAMES, many_boxes=True)
+        mask_input = mask_input if is_given(mask_input) else None
         if p.points is None and p.box is None and mask_input is None and self._support is None:
             raise ValueError(
-                "predict needs at least one prompt: point_coords, box or mask_input (or "
-                "set_support(...) first, for few-shot prediction without a prompt)"
+                "predict needs at least one prompt: point_coords (+ point_labels), box or "
+                "mask_input (or set_support(...) first, for few-shot prediction without a prompt)"
             )
         dev = self.device
-        batched = box is not None and np.ndim(box) == 2
+        batched = p.box is not None and np.ndim(box) == 2
         boxes = None
         if p.box is not None:
             xy = self._to_model_coords(p.box.reshape(-1, 2))
@@ -211,6 +278,11 @@ class Predictor:
         masks = None
         if mask_input is not None:
             mi = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))
+            if not torch.isfinite(mi).all():
+                raise ValueError(
+                    "mask_input holds NaN or infinite logits: pass low_res_logits of an earlier "
+                    "predict() call"
+                )
             low = self.model.image_size // 4
             if mi.shape[-2:] != (low, low):
                 raise ValueError(

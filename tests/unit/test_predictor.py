@@ -93,8 +93,8 @@ def test_clear_errors(tiny_model):
         pred.predict(point_coords=[[-5, 10]], point_labels=[1])
     with pytest.raises(ValueError, match="at least one prompt"):
         pred.predict()
-    with pytest.raises(ValueError, match="point_labels"):
-        pred.predict(point_coords=[[5, 10]])
+    with pytest.raises(ValueError, match="point_labels given without point_coords"):
+        pred.predict(point_labels=[1], box=[0, 0, 10, 10])
     with pytest.raises(ValueError, match="2 point_coords but 1"):
         pred.predict(point_coords=[[5, 10], [6, 6]], point_labels=[1])
     with pytest.raises(ValueError, match=r"\(1, 64, 64\)"):

@@ -126,9 +126,11 @@ def test_check_prompt_converts_and_keeps_values():
     assert p.mask is None
     many = check_prompt(Prompt(box=[[0, 0, 5, 5], [1, 1, 60, 50]]), (50, 60), many_boxes=True)
     assert many.box.shape == (2, 4)
-    # zero points are no points; labels without points are dropped
+    # zero points are no points (empty = left out); points without labels are foreground
     p = check_prompt(Prompt(box=[0, 0, 5, 5], points=np.zeros((0, 2)), labels=[]), (10, 10))
     assert p.points is None and p.labels is None
+    p = check_prompt({"points": [[1, 2], [3, 4]]}, (10, 10))
+    assert p.labels.dtype == np.int64 and p.labels.tolist() == [1, 1]
     m = check_prompt({"mask": np.eye(4, dtype=np.uint8)}, (4, 4))
     assert m.mask.dtype == bool and m.mask.sum() == 4 and m.box is None
 
@@ -143,9 +145,13 @@ def test_check_prompt_converts_and_keeps_values():
         ({"box": [0, 0, 1]}, {}, r"box must be 4 numbers .* got shape \(3,\)"),
         ({"box": [[0, 0, 1, 1], [0, 0, 2, 2]]}, {}, "box must be 4 numbers"),
         ({"points": [[1, 2, 3]]}, {}, r"points must be a list of \[x, y\]"),
-        ({"points": [[1, 2]]}, {"where": "p"}, r"p\.labels missing: give one label per point"),
+        ({"box": [0, 0, 1, 1], "labels": [1]}, {"where": "p"}, r"p\.labels given without points"),
         ({"points": [[1, 2]], "labels": [1, 0]}, {}, "1 points but 2 labels"),
-        ({"points": [[1, 2]], "labels": [2]}, {}, r"labels \[2\]: each must be 1 \(fg\) or 0"),
+        (
+            {"points": [[1, 2]], "labels": [2]},
+            {},
+            r"labels \[2\]: each must be 1 or 0 \(labels: 1 = fo",
+        ),
         ({"points": [[1, 2]], "labels": [-1]}, {}, "must be 1"),
         (
             {"points": [[11, 2]], "labels": [1]},
@@ -161,9 +167,9 @@ def test_check_prompt_converts_and_keeps_values():
         ({"mask": np.ones((8, 11), bool)}, {}, r"mask is \(8, 11\), the image is \(8, 10\)"),
         ({"mask": np.ones((8, 10)), "box": [0, 0, 1, 1]}, {}, "give it without points/box"),
         (
-            {"points": [[1, 2]]},
+            {"labels": [1]},
             {"names": {"points": "point_coords", "labels": "point_labels"}},
-            "point_labels missing",
+            "point_labels given without point_coords",
         ),
         (
             {"points": [[1, 2], [3, 4]], "labels": [1]},

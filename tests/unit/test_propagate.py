@@ -189,7 +189,10 @@ def test_a_medbank_volume_is_accepted(model, vol, base):
         ({"prompts": {3: {"points": np.zeros((0, 2))}}}, r"prompts\[3\] is empty"),
         ({"prompts": {3: {"box": [0, 0, 51, 10]}}}, r"prompts\[3\]\.box .* outside the 50x40"),
         ({"prompts": {3: {"points": [[5, 41]], "labels": [1]}}}, r"prompts\[3\]\.points"),
-        ({"prompts": {3: {"points": [[5, 4]]}}}, r"prompts\[3\]\.labels missing"),
+        (
+            {"prompts": {3: {"box": [0, 0, 5, 5], "labels": [1]}}},
+            r"prompts\[3\]\.labels given without points",
+        ),
         ({"prompts": {3: {"mask": np.ones((H, W + 1), bool)}}}, r"prompts\[3\]\.mask is"),
         ({"prompts": {3: {"spot": 1}}}, "unknown keys"),
         ({"direction": "sideways"}, "direction='sideways'"),
