@@ -22,12 +22,15 @@ class SlicedCase:
     images: (N, H, W) or (N, H, W, 3) uint8; spacing: (slice, row, col) mm.
     samples: (label_id, name, slice k, mask (H, W) bool) for every kept (label, slice).
     spacing_known: False when the source gave no pixel size (spacing is then 1 per pixel).
+    fov: (N, H, W) bool aligned with `images`, True inside the field of view (pairs with a `fov`
+        pattern); None: the whole image counts.
     """
 
     images: np.ndarray
     spacing: tuple[float, float, float]
     samples: list[tuple[int, str, int, np.ndarray]]
     spacing_known: bool = True
+    fov: np.ndarray | None = None
 
 
 def align_labels(labels: Volume, image: Volume, atol: float = 1e-2) -> Volume:
@@ -67,34 +70,28 @@ def align_labels(labels: Volume, image: Volume, atol: float = 1e-2) -> Volume:
 
 
 def load_case(ref: CaseRef, src: SourceSpec, names: dict[int, str]) -> tuple[Volume, list[Segment]]:
-    """The image volume and its segments (binary masks on the image grid)."""
+    """The image volume and its segments (binary masks on the image grid).
+
+    2D pairs (`ref.kind == "masks"`): each mask file is binarised by `src.mask_threshold`; an RGB
+    mask whose channels differ is an error unless `src.mask_channel` picks a channel or
+    `src.mask_colors` splits it into one segment per listed colour (label ids 1.. in the order
+    listed). A field-of-view file (`ref.fov`) is read into `vol.meta["fov"]`, (1, H, W) bool.
+    Items with `series_uid` read that series of a DICOM folder.
+    """
     from samed2_kit.medbank.io import read_volume
-    from samed2_kit.medbank.io.image import read_image, read_mask
 
     if ref.kind == "masks":
-        img = read_image(ref.image)
-        sy, sx = ref.spacing_yx or (1.0, 1.0)
-        vol = Volume(img[None], (1.0, sy, sx),
-                     meta={"source": ref.image, "spacing_known": ref.spacing_yx is not None})  # fmt: skip
-        segs = []
-        for i, (label, path) in enumerate(ref.masks, start=1):
-            m = read_mask(path)
-            if m.shape != img.shape[:2]:
-                raise ValueError(
-                    f"mask {path} is {m.shape[0]}x{m.shape[1]} (HxW), image {ref.image} is "
-                    f"{img.shape[0]}x{img.shape[1]}: a pair must have one size"
-                )
-            segs.append(Segment(i, label, m[None]))
+        vol, segs = _load_pair(ref, src)
     elif ref.kind == "labelmap":
         from samed2_kit.medbank.io.volume import segments_from_labelmap
 
-        vol = read_volume(ref.image)
+        vol = read_volume(ref.image, series_uid=ref.series_uid)
         lab = align_labels(read_volume(ref.labels, labels=True), vol)
         segs = segments_from_labelmap(lab, names)
     else:
         from samed2_kit.medbank.io.dicom import read_dicom_series
 
-        vol = read_dicom_series(ref.image)
+        vol = read_dicom_series(ref.image, ref.series_uid)
         if ref.kind == "seg":
             from samed2_kit.medbank.io.dicom_seg import read_dicom_seg
 
@@ -109,6 +106,39 @@ def load_case(ref: CaseRef, src: SourceSpec, names: dict[int, str]) -> tuple[Vol
     if src.include is not None:
         segs = [s for s in segs if s.name in src.include]
     return vol, merge_same_names(segs)
+
+
+def _same_size(path: str, arr: np.ndarray, what: str, ref: CaseRef, img: np.ndarray) -> None:
+    if arr.shape[:2] != img.shape[:2]:
+        raise ValueError(
+            f"{what} {path} is {arr.shape[0]}x{arr.shape[1]} (HxW), image {ref.image} is "
+            f"{img.shape[0]}x{img.shape[1]}: a pair must have one size"
+        )
+
+
+def _load_pair(ref: CaseRef, src: SourceSpec) -> tuple[Volume, list[Segment]]:
+    """A 2D image as a one-slice volume, its masks as segments, its field of view in meta."""
+    from samed2_kit.medbank.io.image import read_colour_masks, read_fov, read_image, read_mask
+
+    img = read_image(ref.image)
+    sy, sx = ref.spacing_yx or (1.0, 1.0)
+    meta = {"source": ref.image, "spacing_known": ref.spacing_yx is not None}
+    if ref.fov:
+        fov = read_fov(ref.fov)
+        _same_size(ref.fov, fov, "field-of-view mask", ref, img)
+        meta["fov"] = fov[None]
+    segs = []
+    for label, path in ref.masks:
+        if src.mask_colors:
+            for name, m in read_colour_masks(path, src.mask_colors).items():
+                _same_size(path, m, "mask", ref, img)
+                ids = [n for n in src.mask_colors if n != "background"]
+                segs.append(Segment(ids.index(name) + 1, name, m[None]))
+            continue
+        m = read_mask(path, src.mask_threshold, channel=src.mask_channel, on_colour="error")
+        _same_size(path, m, "mask", ref, img)
+        segs.append(Segment(len(segs) + 1, label, m[None]))
+    return Volume(img[None], (1.0, sy, sx), meta=meta), segs
 
 
 def merge_same_names(segs: list[Segment]) -> list[Segment]:
@@ -149,4 +179,8 @@ def slice_case(vol: Volume, segs: list[Segment], src: SourceSpec, seed: int) -> 
         for k in sorted(keep):
             m = masks[k] if area[k] >= src.min_area else np.zeros_like(masks[k])
             samples.append((seg.label_id, seg.name, k, m))
-    return SlicedCase(images, spacing, samples, bool(vol.meta.get("spacing_known", True)))
+    fov = vol.meta.get("fov")
+    if fov is not None:
+        fov = np.moveaxis(np.asarray(fov, bool), ax, 0)
+    known = bool(vol.meta.get("spacing_known", True))
+    return SlicedCase(images, spacing, samples, known, fov)

@@ -22,6 +22,10 @@ class CaseRef:
 
     kind: "masks" (2D binary mask files, `masks` = [(label name, path)]), "labelmap" (integer label
     volume at `labels`), "seg" (DICOM-SEG) or "rtstruct".
+    case_id: the split unit, group 1 of the source's `case` regex on `key` (`key` itself without a
+    regex); several images (keys) may share one case id.
+    fov: pairs with a `fov` pattern: the image's field-of-view mask file (non-zero = inside).
+    series_uid: the DICOM series to read when `image` is a folder holding several.
     """
 
     key: str  # unique within the source (duplicates are skipped)
@@ -31,22 +35,40 @@ class CaseRef:
     labels: str | None = None
     masks: list[tuple[str, str]] = field(default_factory=list)
     spacing_yx: tuple[float, float] | None = None  # 2D pixel size (mm) when known
+    fov: str | None = None
+    series_uid: str | None = None
 
 
-def _case_of(key: str, regex: str | None) -> str:
+def _case_of(key: str, regex: str | None, source: str = "") -> str:
+    """Group 1 of `regex` searched in `key` (the key itself without a regex).
+
+    Raises:
+        ValueError: the regex does not match `key` or its group 1 is empty there (naming the
+            source, the spec key `case` and the id): a case regex must fit every id, else images
+            of one subject could land in two splits.
+    """
     if not regex:
         return key
     m = re.search(regex, key)
-    return m.group(1) if m and m.groups() else key
+    if not m or not m.groups() or not m.group(1):
+        raise ValueError(
+            f"{source and f'source {source!r}: '}case regex {regex!r} finds no group 1 in id "
+            f"{key!r}; fix the spec key case so that group 1 captures the case id of every id"
+        )
+    return m.group(1)
 
 
 def _pairs(src: SourceSpec) -> tuple[list[CaseRef], list[tuple[str, str]]]:
     from samed2_kit.medbank.pairs import PairSource, find_pairs
 
-    scan = find_pairs(
-        PairSource(root=src.root, image=src.image, mask=src.mask, modality=src.modality,
-                   task=src.task, case=src.case, spacing_csv=src.spacing_csv, licence=src.licence)
-    )  # fmt: skip
+    try:
+        scan = find_pairs(
+            PairSource(root=src.root, image=src.image, mask=src.mask, modality=src.modality,
+                       task=src.task, case=src.case, spacing_csv=src.spacing_csv,
+                       licence=src.licence, spacing=src.spacing, fov=src.fov)
+        )  # fmt: skip
+    except ValueError as e:
+        raise ValueError(f"source {src.name!r}: {e}") from e
     by_image: dict[str, CaseRef] = {}
     for r in scan.records:
         ref = by_image.get(r.image_path)
@@ -54,7 +76,7 @@ def _pairs(src: SourceSpec) -> tuple[list[CaseRef], list[tuple[str, str]]]:
             spacing = tuple(r.spacing) if r.spacing_known else None
             key = r.sample_id.split("#")[0]
             ref = by_image[r.image_path] = CaseRef(
-                key, r.case_id, r.image_path, "masks", spacing_yx=spacing
+                key, r.case_id, r.image_path, "masks", spacing_yx=spacing, fov=r.fov_path
             )
         ref.masks.append((r.label or src.task, r.mask_path))
     return list(by_image.values()), list(scan.skipped)
@@ -73,8 +95,8 @@ def _items(src: SourceSpec) -> list[CaseRef]:
         kind = {"mask": "labelmap", "seg": "seg", "rtstruct": "rtstruct"}[given[0]]
         key = it.id or Path(it.image).name
         out.append(
-            CaseRef(key, _case_of(key, src.case), str(root / it.image), kind,
-                    labels=str(root / getattr(it, given[0])))
+            CaseRef(key, _case_of(key, src.case, src.name), str(root / it.image), kind,
+                    labels=str(root / getattr(it, given[0])), series_uid=it.series_uid)
         )  # fmt: skip
     return out
 
@@ -82,11 +104,14 @@ def _items(src: SourceSpec) -> list[CaseRef]:
 def _volume_patterns(src: SourceSpec) -> tuple[list[CaseRef], list[tuple[str, str]]]:
     from samed2_kit.medbank.pairs import PairSource, find_pairs
 
-    scan = find_pairs(PairSource(root=src.root, image=src.image, mask=src.mask))
+    try:
+        scan = find_pairs(PairSource(root=src.root, image=src.image, mask=src.mask))
+    except ValueError as e:
+        raise ValueError(f"source {src.name!r}: {e}") from e
     refs = [
         CaseRef(
             r.sample_id,
-            _case_of(r.sample_id, src.case),
+            _case_of(r.sample_id, src.case, src.name),
             r.image_path,
             "labelmap",
             labels=r.mask_path,
@@ -120,7 +145,9 @@ def _nnunet(src: SourceSpec) -> tuple[list[CaseRef], list[tuple[str, str]]]:
             skipped.append((str(label), f"no image {image.name} (channel 0000) in imagesTr"))
             continue
         refs.append(
-            CaseRef(key, _case_of(key, src.case), str(image), "labelmap", labels=str(label))
+            CaseRef(
+                key, _case_of(key, src.case, src.name), str(image), "labelmap", labels=str(label)
+            )
         )
     return refs, skipped
 
@@ -139,7 +166,9 @@ def _msd(src: SourceSpec) -> tuple[list[CaseRef], list[tuple[str, str]]]:
             skipped.append((missing[0], "listed in dataset.json but missing"))
             continue
         refs.append(
-            CaseRef(key, _case_of(key, src.case), str(image), "labelmap", labels=str(label))
+            CaseRef(
+                key, _case_of(key, src.case, src.name), str(image), "labelmap", labels=str(label)
+            )
         )
     return refs, skipped
 

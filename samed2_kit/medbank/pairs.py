@@ -5,7 +5,10 @@
 ``image="images/{id}HC.png", mask="masks/{id}HC_Annotation.png"``. ``{id}`` (required in both)
 is the image id; ``{label}`` (optional, mask only) lets one image have several masks, one sample
 per mask (SAM-Med2D: ``mask="masks/{id}_{label}.png"``; BUSI: ``mask="{id}_mask{label}.png"``,
-label "" or "_1"). Patterns match whole ``/``-separated relative paths, case-sensitively.
+label "" or "_1"). Patterns match whole ``/``-separated relative paths, case-sensitively except
+the file-name extension: ``{id}.jpg`` also matches ``a.JPG`` (HRF), never ``A.jpg`` for id ``a``.
+The extension is the text from the first dot after the pattern's last placeholder
+(``{id}_mask.tif`` -> ``.tif``, ``{id}.nii.gz`` -> ``.nii.gz``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,18 @@ import numpy as np
 
 from samed2_kit.medbank.preprocess import canonical_modality
 
+_PLACEHOLDER = re.compile(r"\{[^{}]*\}")
+_SEPARATORS = "_-. "  # what joins an image id to the rest of another label's mask name
+
 
 @dataclass
 class PairSource:
     """A folder of pairs. ``modality`` is metadata; ``intensity`` picks :func:`normalize_intensity`'s
     rule (with ``window`` for CT). ``case``: regex searched in the id, group 1 = case id (default:
-    case = id). ``spacing_csv``: CSV (relative to root) with a file-name and a pixel-size (mm) column."""
+    case = id). Pixel size in mm (row, col): ``spacing`` (one value, or (row, col)) for every
+    image, or ``spacing_csv``, a CSV (relative to root) with one row per image (see
+    :func:`read_spacing_csv`); neither: unknown (1 per pixel). ``fov``: pattern with ``{id}`` of a
+    field-of-view mask per image (non-zero = inside), e.g. HRF's ``mask/{id}_mask.tif``."""
 
     root: str
     image: str
@@ -39,11 +48,15 @@ class PairSource:
     licence: str = "unknown"
     window: tuple[float, float] | None = None
     intensity: str = "auto"
+    spacing: float | tuple[float, float] | None = None
+    fov: str | None = None
 
     def __post_init__(self) -> None:
-        for name, allowed in (("image", {"{id}"}), ("mask", {"{id}", "{label}"})):
+        checks = [("image", {"{id}"}), ("mask", {"{id}", "{label}"})]
+        checks += [("fov", {"{id}"})] if self.fov else []
+        for name, allowed in checks:
             pattern = getattr(self, name)
-            found = re.findall(r"\{[^{}]*\}", pattern)
+            found = _PLACEHOLDER.findall(pattern)
             if found.count("{id}") != 1 or set(found) - allowed or found.count("{label}") > 1:
                 raise ValueError(
                     f"PairSource.{name}={pattern!r}: needs exactly one {{id}}"
@@ -54,11 +67,16 @@ class PairSource:
                     )
                 )
         canonical_modality(self.intensity)
+        if self.spacing is not None:
+            self.spacing = _spacing_pair(self.spacing, "PairSource.spacing")
+        if self.spacing is not None and self.spacing_csv:
+            raise ValueError("PairSource: give spacing or spacing_csv, not both")
 
 
 @dataclass
 class PairRecord:
-    """One (image, mask) sample. ``spacing`` in mm as (row, col); ``spacing_known`` False = (1, 1) guess."""
+    """One (image, mask) sample. ``spacing`` in mm as (row, col); ``spacing_known`` False = (1, 1)
+    guess. ``fov_path``: the image's field-of-view mask file, when the source has one."""
 
     image_path: str
     mask_path: str
@@ -72,6 +90,7 @@ class PairRecord:
     intensity: str = "auto"
     window: tuple[float, float] | None = None
     licence: str = "unknown"
+    fov_path: str | None = None
 
 
 @dataclass
@@ -82,6 +101,39 @@ class PairScan:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _spacing_pair(value, where: str) -> tuple[float, float]:
+    """One pixel size or (row, col), in mm -> (row, col); ValueError naming `where` otherwise."""
+    vals = list(value) if isinstance(value, list | tuple) else [value]
+    ok = len(vals) in (1, 2) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        for v in vals
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}={value!r}: give the pixel size in mm, one positive number or [row, col]"
+        )
+    return (float(vals[0]), float(vals[-1]))
+
+
+def pattern_extension(pattern: str) -> str:
+    """The file-name extension of a pattern, lower case: the last path segment's text from the
+    first dot after its last placeholder ('' when there is none).
+
+    ``"masks/{id}_mask.png"`` -> ``".png"``; ``"{id}_img.nii.gz"`` -> ``".nii.gz"``."""
+    last = pattern.rsplit("/", 1)[-1]
+    tail = re.split(r"\{id\}|\{label\}", last)[-1]
+    return tail[tail.index(".") :].lower() if "." in tail else ""
+
+
+def _with_ext(rel: str, exts: Sequence[str]) -> str:
+    """`rel` with a trailing extension from `exts` (lower case) spelt in lower case."""
+    low = rel.lower()
+    for ext in exts:
+        if ext and low.endswith(ext):
+            return rel[: len(rel) - len(ext)] + ext
+    return rel
+
+
 def _regex(pattern: str, id_value: str | None = None) -> re.Pattern:
     idre = r"(?P<id>[^/]+)" if id_value is None else re.escape(id_value)
     parts = re.split(r"(\{id\}|\{label\})", pattern)
@@ -89,29 +141,123 @@ def _regex(pattern: str, id_value: str | None = None) -> re.Pattern:
     return re.compile("".join(subs.get(p, re.escape(p)) for p in parts))
 
 
+def _start(root: Path, pattern: str) -> Path:
+    """The folder under `root` holding every file `pattern` can match (its literal folder part)."""
+    literal = pattern.split("{", 1)[0]
+    return root / literal.rsplit("/", 1)[0] if "/" in literal else root
+
+
 def _walk(root: Path, pattern: str) -> list[str]:
     """Relative posix paths of the files under the literal folder part of ``pattern``."""
-    literal = pattern.split("{", 1)[0]
-    start = root / literal.rsplit("/", 1)[0] if "/" in literal else root
     out = []
-    for folder, _, files in os.walk(start):
+    for folder, _, files in os.walk(_start(root, pattern)):
         rel = Path(folder).relative_to(root).as_posix()
         out += [f if rel == "." else f"{rel}/{f}" for f in files]
     return sorted(out)
 
 
-def _read_spacing(path: Path) -> dict[str, float]:
+def _matched_nothing(what: str, pattern: str, root: Path, files: list[str]) -> ValueError:
+    """The error for a pattern that fits no file: where it looked and what lies there."""
+    start = _start(root, pattern)
+    if not start.is_dir():
+        there = f"{start} does not exist"
+    elif not files:
+        there = f"{start} holds no file"
+    else:
+        names = [Path(f).name for f in files]
+        more = f", ... ({len(names)} files)" if len(names) > 5 else ""
+        there = f"files there look like: {', '.join(names[:5])}{more}"
+    return ValueError(
+        f"{what} pattern {pattern!r} matched no file under {start}; {there}. Fix the pattern "
+        "({id} stands for the image id; names match case-sensitively except the extension)"
+    )
+
+
+def read_spacing_csv(path: str | Path) -> dict[str, float]:
+    """Pixel sizes (mm, isotropic) by image file name, from a CSV such as HC18's
+    ``training_set_pixel_size_and_HC.csv``.
+
+    Format: comma-separated, a header row, then one row per image. The file-name column is the
+    first whose header contains "file", "name" or "image" (any case); the pixel-size column is the
+    first whose header contains "pixel" or "spacing" (e.g. ``filename,pixel size(mm)``), in mm
+    per pixel, the same along rows and columns. Other columns are ignored. Names may carry a
+    folder (only the file name counts).
+
+    Returns:
+        {file name as written (folder dropped): pixel size in mm}.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: no header, no such columns, a value that is not a positive number, or one
+            file name given two different sizes (each naming the CSV and the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"spacing CSV {path} does not exist (spec key spacing_csv)")
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for r in csv.reader(f) if r]
-    header = [h.strip().lower() for h in rows[0]] if rows else []
-    name_col = next((i for i, h in enumerate(header) if "file" in h or "name" in h), None)
+        rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
+    header = [h.strip().lower() for h in rows[0][1]] if rows else []
+    name_col = next(
+        (i for i, h in enumerate(header) if any(w in h for w in ("file", "name", "image"))), None
+    )
     size_col = next((i for i, h in enumerate(header) if "pixel" in h or "spacing" in h), None)
     if name_col is None or size_col is None:
         raise ValueError(
             f"spacing CSV {path} has header {header}: needs a file-name column (header with "
-            "'file' or 'name') and a pixel-size column in mm (header with 'pixel' or 'spacing')"
+            "'file', 'name' or 'image') and a pixel-size column in mm (header with 'pixel' or "
+            "'spacing'), e.g. 'filename,pixel size(mm)'"
         )
-    return {Path(r[name_col].strip()).name: float(r[size_col]) for r in rows[1:]}
+    out: dict[str, float] = {}
+    for line, r in rows[1:]:
+        if len(r) <= max(name_col, size_col):
+            raise ValueError(f"spacing CSV {path} line {line}: {len(r)} columns, header has more")
+        name = Path(r[name_col].strip().replace("\\", "/")).name
+        try:
+            mm = float(r[size_col])
+        except ValueError:
+            mm = float("nan")
+        if not (math.isfinite(mm) and mm > 0):
+            raise ValueError(
+                f"spacing CSV {path} line {line}: pixel size {r[size_col]!r} of {name!r} is not "
+                "a positive number of mm"
+            )
+        if name in out and out[name] != mm:
+            raise ValueError(
+                f"spacing CSV {path} line {line}: {name!r} has two pixel sizes "
+                f"({out[name]} and {mm}); keep one row per image"
+            )
+        out[name] = mm
+    if not out:
+        raise ValueError(f"spacing CSV {path} has no rows under its header")
+    return out
+
+
+def _spacing_lookup(table: dict[str, float]):
+    """A function image file name -> pixel size (mm) or None: the exact name, the name with the
+    extension in another case, or the name without its extension."""
+    by_key = {}
+    for name, mm in table.items():
+        by_key.setdefault(name, mm)
+        by_key.setdefault(_lower_suffix(name), mm)
+
+    def find(name: str) -> float | None:
+        for key in (name, _lower_suffix(name), Path(name).stem, name.split(".", 1)[0]):
+            if key in by_key:
+                return by_key[key]
+        return None
+
+    return find
+
+
+def _lower_suffix(name: str) -> str:
+    stem, dot, ext = name.rpartition(".")
+    return f"{stem}.{ext.lower()}" if dot and stem else name
+
+
+def _extends_paired_id(mask_id: str, paired: set[str]) -> bool:
+    """True when `mask_id` is a paired image id plus a separator and more (``01_od`` for image
+    ``01``): a file of another label or source in the same folder, not an orphan mask."""
+    return any(mask_id[k] in _SEPARATORS and mask_id[:k] in paired for k in range(1, len(mask_id)))
 
 
 def find_pairs(src: PairSource) -> PairScan:
@@ -121,14 +267,64 @@ def find_pairs(src: PairSource) -> PairScan:
     ``amos_0004_75``, not to an image ``amos_0004``). A file that fits the image pattern but also
     fits as a mask of another image (``X_mask.png`` next to ``X.png``) is a mask, not an image,
     unless masks of its own exist (flat ``{id}_{label}.png``: ``a_1_2.png`` with ``a_1_2_x.png``).
+    A file that fits the mask pattern only with an id that is a paired image's id plus a separator
+    and more (``masks/01_od.png`` under ``masks/{id}.png`` with image ``01`` paired) belongs to
+    another label or source sharing the folder: it is neither used nor reported. Field-of-view
+    files (``fov``) are never images or masks.
+
+    Skipped (path, reason): an image without mask, without field-of-view file, or without a row
+    in the spacing CSV; a mask without image; two files whose names differ only in the case of
+    the extension.
+
+    Raises:
+        FileNotFoundError: ``root`` (or the spacing CSV) does not exist.
+        ValueError: a pattern matches no file at all (once per source, listing what lies where it
+            looked), images and masks exist but no id pairs, a ``case`` regex without group 1
+            for an id, no image has a spacing CSV row, or a malformed spacing CSV.
     """
     root = Path(src.root)
     if not root.is_dir():
         raise FileNotFoundError(f"PairSource.root {root} does not exist or is not a folder")
-    img_re, mask_re = _regex(src.image), _regex(src.mask)
-    images = {m["id"]: rel for rel in _walk(root, src.image) if (m := img_re.fullmatch(rel))}
-    masks = [rel for rel in _walk(root, src.mask) if mask_re.fullmatch(rel)]
-    head, tail = src.mask.split("{id}")
+    patterns = {"image": src.image, "mask": src.mask} | ({"fov": src.fov} if src.fov else {})
+    exts = sorted({pattern_extension(p) for p in patterns.values()} - {""}, key=len, reverse=True)
+    norm_pat = {k: _with_ext(p, exts) for k, p in patterns.items()}
+    actual: dict[str, str] = {}  # name with lower-case extension -> name on disk
+    scan, clashes = PairScan(), set()
+
+    def listing(kind: str) -> list[str]:
+        out = []
+        for rel in _walk(root, patterns[kind]):
+            key = _with_ext(rel, exts)
+            if actual.setdefault(key, rel) != rel:
+                if rel not in clashes:
+                    clashes.add(rel)
+                    scan.skipped.append(
+                        (str(root / rel), f"same name as {actual[key]} but for the extension's "
+                         "case: ambiguous; rename or remove one")
+                    )  # fmt: skip
+                continue
+            out.append(key)
+        return out
+
+    files = {kind: listing(kind) for kind in patterns}
+    img_re, mask_re = _regex(norm_pat["image"]), _regex(norm_pat["mask"])
+    images = {m["id"]: rel for rel in files["image"] if (m := img_re.fullmatch(rel))}
+    masks = [rel for rel in files["mask"] if mask_re.fullmatch(rel)]
+    if not images:
+        raise _matched_nothing("image", src.image, root, [actual[r] for r in files["image"]])
+    if not masks:
+        raise _matched_nothing("mask", src.mask, root, [actual[r] for r in files["mask"]])
+    fovs: set[str] = set()
+    if src.fov:
+        fov_re = _regex(norm_pat["fov"])
+        fovs = {rel for rel in files["fov"] if fov_re.fullmatch(rel)}
+        if not fovs:
+            raise _matched_nothing("fov", src.fov, root, [actual[r] for r in files["fov"]])
+        fov_of = {i: norm_pat["fov"].replace("{id}", i) for i in images}
+        taken_fov = set(fov_of.values()) & fovs
+        images = {i: rel for i, rel in images.items() if rel not in taken_fov}
+        masks = [rel for rel in masks if rel not in taken_fov]
+    head, tail = norm_pat["mask"].split("{id}")
     cache: dict[str, re.Pattern] = {}
 
     def assign(ids: dict[str, str], skip: set[str]) -> dict[str, tuple[str, str]]:
@@ -144,7 +340,7 @@ def find_pairs(src: PairSource) -> PairScan:
                 cands = [rest[-k:] for k in range(len(rest), 0, -1)] if rel.endswith(tail) else []
             for cand in cands:
                 if cand in ids and ids[cand] != rel:
-                    m = cache.setdefault(cand, _regex(src.mask, cand)).fullmatch(rel)
+                    m = cache.setdefault(cand, _regex(norm_pat["mask"], cand)).fullmatch(rel)
                     if m:
                         owner[rel] = (cand, m.groupdict().get("label") or "")
                         break
@@ -156,36 +352,81 @@ def find_pairs(src: PairSource) -> PairScan:
         if id_of_rel.get(rel, i) != i and id_of_rel[rel] not in owning:
             images.pop(id_of_rel[rel])
     owner = assign(images, set(images.values()))
-    spacing = _read_spacing(root / src.spacing_csv) if src.spacing_csv else {}
-    scan, by_id = PairScan(), {}
+    by_id: dict[str, list[tuple[str, str]]] = {}
     for rel, (i, label) in owner.items():
         by_id.setdefault(i, []).append((label, rel))
+    if not by_id:
+        some_masks = ", ".join(actual[r] for r in masks[:3])
+        raise ValueError(
+            f"no image under {root} pairs with a mask: image ids look like "
+            f"{sorted(images)[:3]} (from image pattern {src.image!r}); masks such as "
+            f"{some_masks} fit mask pattern {src.mask!r} with no such id. Fix the patterns so "
+            "{id} is the same text in both (ids match case-sensitively)"
+        )
+    spacing_of = None
+    if src.spacing_csv:
+        csv_path = root / src.spacing_csv
+        spacing_of = _spacing_lookup(read_spacing_csv(csv_path))
+        if not any(spacing_of(Path(actual[images[i]]).name) for i in by_id):
+            raise ValueError(
+                f"spacing CSV {csv_path}: no row names any of the {len(by_id)} paired images "
+                f"(e.g. {Path(actual[images[next(iter(by_id))]]).name!r}); rows are matched by "
+                "the image's file name: fix the CSV's names or the spacing_csv key"
+            )
     for i, rel in images.items():
+        path = str(root / actual[rel])
         if i not in by_id:
             hint = " (fits the mask pattern: its image missing?)" if mask_re.fullmatch(rel) else ""
-            scan.skipped.append((str(root / rel), f"no mask {src.mask.replace('{id}', i)}{hint}"))
+            scan.skipped.append((path, f"no mask {src.mask.replace('{id}', i)}{hint}"))
             continue
+        fov_path = None
+        if src.fov:
+            fov_rel = norm_pat["fov"].replace("{id}", i)
+            if fov_rel not in fovs:
+                scan.skipped.append(
+                    (path, f"no field-of-view mask {root / src.fov.replace('{id}', i)} "
+                     f"(spec key fov={src.fov!r}): add the file or remove fov")
+                )  # fmt: skip
+                continue
+            fov_path = str(root / actual[fov_rel])
         case = i
         if src.case:
             m = re.search(src.case, i)
-            if not m or not m.groups() or m.group(1) is None:
+            if not m or not m.groups() or not m.group(1):
                 raise ValueError(
-                    f"PairSource.case {src.case!r} finds no group 1 in id {i!r}; fix the regex"
+                    f"case regex {src.case!r} finds no group 1 in id {i!r} (image {path}); "
+                    "fix the regex so that group 1 captures the case id of every image"
                 )
             case = m.group(1)
-        mm = spacing.get(Path(rel).name)
+        spacing, known = src.spacing or (1.0, 1.0), src.spacing is not None
+        if spacing_of is not None:
+            mm = spacing_of(Path(path).name)
+            if mm is None:
+                scan.skipped.append(
+                    (path, f"no row for {Path(path).name!r} in spacing CSV "
+                     f"{root / src.spacing_csv}: add its pixel size (mm), or remove spacing_csv "
+                     "to read every image with unknown spacing (metrics in pixels)")
+                )  # fmt: skip
+                continue
+            spacing, known = (mm, mm), True
         for label, mrel in sorted(by_id[i]):
             scan.records.append(
                 PairRecord(
-                    image_path=str(root / rel), mask_path=str(root / mrel),
+                    image_path=path, mask_path=str(root / actual[mrel]),
                     sample_id=f"{i}#{label}" if label else i, case_id=case, label=label,
-                    modality=src.modality, task=src.task,
-                    spacing=(mm, mm) if mm else (1.0, 1.0), spacing_known=bool(mm),
-                    intensity=src.intensity, window=src.window, licence=src.licence,
+                    modality=src.modality, task=src.task, spacing=tuple(spacing),
+                    spacing_known=known, intensity=src.intensity, window=src.window,
+                    licence=src.licence, fov_path=fov_path,
                 )
             )  # fmt: skip
     taken = set(owner) | set(images.values())
-    scan.skipped += [(str(root / r), "no image for this mask") for r in masks if r not in taken]
+    paired = set(by_id)
+    for rel in masks:
+        if rel in taken:
+            continue
+        if _extends_paired_id(mask_re.fullmatch(rel)["id"], paired):
+            continue  # another label's or source's mask in a shared folder
+        scan.skipped.append((str(root / actual[rel]), "no image for this mask"))
     scan.records.sort(key=lambda r: r.sample_id)
     scan.skipped.sort()
     return scan
