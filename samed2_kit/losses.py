@@ -3,6 +3,10 @@
 Follows SAM 2's training rule for multimask outputs: the segmentation loss is computed for every
 candidate mask, and only the best (minimum-loss) mask per sample is back-propagated; the IoU head
 is supervised for all candidates with the real IoU of each thresholded mask.
+
+Field of view: given ``valid`` (B, 1, H, W), 1 inside the image's field of view (`medbank`'s
+``fov`` column), every segmentation term, the IoU target and the object-presence target see only
+the pixels inside it; without it (None) every pixel counts, as before.
 """
 
 from __future__ import annotations
@@ -41,12 +45,16 @@ def _resize_to(mask_logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
 
 @torch.no_grad()
-def real_iou(mask_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+def real_iou(
+    mask_logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """Real IoU of each thresholded mask against the ground truth (no gradient).
 
     Args:
         mask_logits: (B, M, h, w) logits; resized bilinearly to gt's (H, W) if needed.
         gt: (B, 1, H, W) binary mask (> 0.5 = foreground).
+        valid: (B, 1, H, W) field of view (> 0.5 = inside); pixels outside it count neither in
+            the intersection nor in the union. None: every pixel.
 
     Returns:
         (B, M) float32 IoU of ``(logits > 0)`` vs gt; 1.0 where both are empty.
@@ -54,13 +62,20 @@ def real_iou(mask_logits: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     logits = _resize_to(mask_logits.detach().float(), tuple(gt.shape[-2:]))
     pred = logits > 0
     target = (gt.detach().float() > 0.5).expand_as(pred)
+    if valid is not None:
+        inside = (valid.detach().float() > 0.5).expand_as(pred)
+        pred, target = pred & inside, target & inside
     inter = (pred & target).flatten(2).sum(-1).float()
     union = (pred | target).flatten(2).sum(-1).float()
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
 def boundary_loss(
-    logits: torch.Tensor, gt: torch.Tensor, theta0: int = 3, theta: int = 5
+    logits: torch.Tensor,
+    gt: torch.Tensor,
+    theta0: int = 3,
+    theta: int = 5,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BF1 boundary loss (Bokhovkin & Burnaev 2019; CoW's L_bound), per sample: (B,).
 
@@ -68,14 +83,21 @@ def boundary_loss(
     sigmoid probabilities and the target; each is widened by a theta x theta max-pool to measure
     precision P (predicted boundary near the true one) and recall R; loss = 1 - 2PR / (P + R).
     The foreground boundary only (the background's is the same curve for a binary mask).
+    valid: (B, 1, H, W) field of view: probabilities and target are zeroed outside it and only
+    boundary pixels inside it count. None: every pixel.
     """
     p, y = torch.sigmoid(logits.float()), gt.float()
+    if valid is not None:
+        inside = (valid.float() > 0.5).float()
+        p, y = p * inside, y * inside
 
     def edge(x: torch.Tensor) -> torch.Tensor:
         inv = 1.0 - x
         return F.max_pool2d(inv, theta0, stride=1, padding=theta0 // 2) - inv
 
     pb, yb = edge(p), edge(y)
+    if valid is not None:
+        pb, yb = pb * inside, yb * inside
     pb_ext = F.max_pool2d(pb, theta, stride=1, padding=theta // 2)
     yb_ext = F.max_pool2d(yb, theta, stride=1, padding=theta // 2)
     eps = 1e-7
@@ -85,7 +107,11 @@ def boundary_loss(
 
 
 def _check_inputs(
-    mask_logits: torch.Tensor, iou_pred: torch.Tensor, obj: torch.Tensor, gt: torch.Tensor
+    mask_logits: torch.Tensor,
+    iou_pred: torch.Tensor,
+    obj: torch.Tensor,
+    gt: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> None:
     if mask_logits.ndim != 4:
         raise ValueError(
@@ -105,6 +131,18 @@ def _check_inputs(
         raise ValueError(
             f"object_score_logits must be (B, 1) = ({b}, 1), got shape {tuple(obj.shape)}."
         )
+    if valid is not None and tuple(valid.shape) != tuple(gt.shape):
+        raise ValueError(
+            f"valid (the field of view) must have gt's shape {tuple(gt.shape)} (B, 1, H, W), got "
+            f"{tuple(valid.shape)}; resize it with the mask (`medbank.dataset` does)."
+        )
+
+
+def _inside_mean(per_pixel: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, M, H, W) per-pixel values -> (B, M) means over the pixels where ``valid`` (B, 1, H, W)
+    is 1; 0 for an image without any valid pixel."""
+    total = (per_pixel * valid).flatten(2).sum(-1)
+    return total / valid.flatten(2).sum(-1).clamp(min=1.0)
 
 
 class SegLoss(torch.nn.Module):
@@ -116,6 +154,11 @@ class SegLoss(torch.nn.Module):
     its number of objects), so that a batch split over processes gives the same loss as one
     process; a batch without any object gets 0. The IoU term covers all samples and all M masks;
     the object-score term covers all samples. Everything runs in float32 with autocast disabled.
+
+    With a field of view ``valid`` (B, 1, H, W), the gt is zeroed outside it (an object is
+    present when it has a pixel inside), soft Dice takes sigmoid and target inside it only
+    (MONAI's formula and smoothing), BCE and focal are means over its pixels, the IoU target is
+    ``real_iou`` inside it: logits outside the FOV get no gradient and change nothing.
     """
 
     def __init__(self, cfg: LossConfig | None = None) -> None:
@@ -127,20 +170,36 @@ class SegLoss(torch.nn.Module):
         self.dice = DiceLoss(sigmoid=True, reduction="none")
         self.focal_loss = FocalLoss(gamma=2.0, alpha=0.25, reduction="none")
 
-    def _seg_terms(self, logits: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, M, H, W) logits and targets -> {term: (B, M) unweighted loss}."""
+    def _seg_terms(
+        self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """(B, M, H, W) logits and targets [, (B, 1, H, W) field of view {0, 1}] -> {term: (B, M)
+        unweighted loss}."""
         terms: dict[str, torch.Tensor] = {}
         if self.cfg.dice_ce > 0:
-            terms["dice_ce"] = self._dice_ce(logits, target)
+            terms["dice_ce"] = self._dice_ce(logits, target, valid)
         if self.cfg.focal > 0:
-            terms["focal"] = self.focal_loss(logits, target).flatten(2).mean(-1)
+            focal = self.focal_loss(logits, target)
+            terms["focal"] = (
+                focal.flatten(2).mean(-1) if valid is None else _inside_mean(focal, valid)
+            )
         return terms
 
-    def _dice_ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """(B, M, H, W) logits and targets -> (B, M) soft Dice + pixel-mean BCE."""
-        dice = self.dice(logits, target).flatten(1)
+    def _dice_ce(
+        self, logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, M, H, W) logits and targets -> (B, M) soft Dice + pixel-mean BCE; with a field of
+        view ``valid`` (B, 1, H, W) {0, 1}, both over the pixels inside it only."""
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-        return dice + bce.flatten(2).mean(-1)
+        if valid is None:
+            dice = self.dice(logits, target).flatten(1)
+            return dice + bce.flatten(2).mean(-1)
+        # MONAI's DiceLoss formula (sigmoid, per (sample, mask), its smoothing) inside the FOV
+        p, t = torch.sigmoid(logits) * valid, target * valid
+        inter = (p * t).flatten(2).sum(-1)
+        denom = p.flatten(2).sum(-1) + t.flatten(2).sum(-1)
+        dice = 1.0 - (2.0 * inter + self.dice.smooth_nr) / (denom + self.dice.smooth_dr)
+        return dice + _inside_mean(bce, valid)
 
     def forward(
         self,
@@ -149,6 +208,7 @@ class SegLoss(torch.nn.Module):
         object_score_logits: torch.Tensor,
         gt: torch.Tensor,
         source_logits: dict[str, torch.Tensor] | None = None,
+        valid: torch.Tensor | None = None,
     ) -> LossOutput:
         """Compute the loss.
 
@@ -159,24 +219,30 @@ class SegLoss(torch.nn.Module):
             gt: (B, 1, H, W) float ground truth in {0, 1}; logits are upsampled to (H, W).
             source_logits: {name: (B, 1, h, w)} prompt sources' own predictions (`source`
                 term, reported as `source/<name>`).
+            valid: (B, 1, H, W) field of view, > 0.5 inside (the batch's ``valid``): pixels
+                outside it are ignored by every term (see the class docstring). None: every
+                pixel counts (results exactly as without the argument).
 
         Returns:
             :class:`LossOutput`.
         """
-        _check_inputs(mask_logits, iou_pred, object_score_logits, gt)
+        _check_inputs(mask_logits, iou_pred, object_score_logits, gt, valid)
         cfg = self.cfg
         with torch.autocast(device_type=mask_logits.device.type, enabled=False):
             logits = _resize_to(mask_logits.float(), tuple(gt.shape[-2:]))
             target = (gt.float() > 0.5).float()
+            inside = None if valid is None else (valid.float() > 0.5).float()
+            if inside is not None:
+                target = target * inside
             b, m = logits.shape[:2]
             present = target.flatten(1).amax(-1)  # (B,) 1.0 where gt is non-empty
             # mask terms: a mean over all B rows, absent objects adding 0 (sam2 divides by its
             # number of objects too), so a batch split over processes gives the same loss
             n_rows = float(b)
 
-            seg = self._seg_terms(logits, target.expand(b, m, -1, -1))
+            seg = self._seg_terms(logits, target.expand(b, m, -1, -1), inside)
             weights = {"dice_ce": cfg.dice_ce, "focal": cfg.focal}
-            ious = real_iou(logits, target)
+            ious = real_iou(logits, target, inside)
             if seg:
                 combo = sum(weights[k] * v for k, v in seg.items())
                 best = combo.detach().argmin(dim=1)
@@ -202,12 +268,13 @@ class SegLoss(torch.nn.Module):
                 parts["object_score"] = float(value.detach())
             if cfg.boundary > 0:
                 chosen = logits[rows, best][:, None]
-                value = (boundary_loss(chosen, target) * present).sum() / n_rows
+                per = boundary_loss(chosen, target, valid=inside)
+                value = (per * present).sum() / n_rows
                 total = total + cfg.boundary * value
                 parts["boundary"] = float(value.detach())
             for name, src in (source_logits or {}).items() if cfg.source > 0 else ():
                 src = _resize_to(src.float(), tuple(target.shape[-2:]))
-                per = self._dice_ce(src, target)[:, 0]
+                per = self._dice_ce(src, target, inside)[:, 0]
                 value = (per * present).sum() / n_rows
                 total = total + cfg.source * value
                 parts[f"source/{name}"] = float(value.detach())

@@ -71,6 +71,7 @@ def case_metrics(
     gt: Any,
     spacing: Sequence[float] | None = None,
     nsd_tolerance_mm: float = 2.0,
+    valid: Any = None,
 ) -> CaseMetrics:
     """Dice, normalised surface Dice and HD95 of one binary prediction against its ground truth.
 
@@ -82,6 +83,9 @@ def case_metrics(
             ``None`` means 1.0 mm per axis.
         nsd_tolerance_mm: NSD tolerance in mm; a boundary element counts as correct when its
             distance to the other boundary is <= this value.
+        valid: the field of view, same shape as ``pred`` (nonzero = inside), or None. Both
+            ``pred`` and ``gt`` are zeroed outside it before any metric (so errors there do not
+            count, and the empty-mask conventions apply to what is left inside).
 
     Returns:
         :class:`CaseMetrics` with ``hd95`` in mm.
@@ -106,6 +110,14 @@ def case_metrics(
             f"pred/gt must be 2D (H, W) or 3D (D, H, W) masks, got shape {tuple(p.shape)}; "
             "squeeze batch/channel axes before calling case_metrics."
         )
+    if valid is not None:
+        v = _as_bool_tensor(valid, "valid")
+        if v.shape != p.shape:
+            raise ValueError(
+                f"valid (the field of view) must have the masks' shape {tuple(p.shape)}, got "
+                f"{tuple(v.shape)}; pass the FOV of the ground truth's image, at its resolution."
+            )
+        p, g = p & v, g & v
     sp = _check_spacing(spacing, p.ndim)
     tol = float(nsd_tolerance_mm)
     if not (math.isfinite(tol) and tol >= 0):

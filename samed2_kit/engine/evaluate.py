@@ -23,6 +23,11 @@ Prompts come from the ground truth, deterministically (no random numbers), in or
   Image Segmentation", normalised by K here; K = 0 gives d_0). The row's Dice, NSD and HD95 are
   those of the final prediction.
 
+Field of view: an item with one (`EvalItem.load_valid`, the store's `fov` column) has its ground
+truth and every prediction (and the box baseline) zeroed outside it before prompts, clicks and
+metrics, so nothing outside the FOV counts; an item whose ground truth lies wholly outside it is
+skipped like an empty one.
+
 Evaluation runs under `torch.no_grad()` in eval mode and restores every module's training flag;
 parameters and buffers are left as they were. Under torch.distributed each process evaluates
 items[rank::world] and all processes return every row, once, in input order.
@@ -73,12 +78,14 @@ def box_mask(shape: tuple[int, int], box: np.ndarray) -> np.ndarray:
     return (xs >= np.floor(x0)) & (xs <= np.ceil(x1)) & (ys >= np.floor(y0)) & (ys <= np.ceil(y1))
 
 
-def click_session(predictor, gt: np.ndarray, box: np.ndarray, clicks: int):
-    """Box, then up to `clicks` corrective clicks on the predictor's current image.
+def click_session(predictor, gt: np.ndarray, box: np.ndarray, clicks: int, valid=None):
+    """Box, then up to `clicks` corrective clicks on the predictor's current image. `valid`:
+    the field of view (H, W) bool, or None; every prediction is zeroed outside it (give a `gt`
+    zeroed there too), so errors and clicks lie inside it.
 
     Returns the final mask (H, W) bool and the Dice curve (clicks + 1 values)."""
     masks, _, low = predictor.predict(box=box, multimask_output=False)
-    pred = masks[0]
+    pred = masks[0] if valid is None else masks[0] & valid
     curve = [dice(pred, gt)]
     coords, labels = [], []
     for _ in range(clicks):
@@ -95,17 +102,34 @@ def click_session(predictor, gt: np.ndarray, box: np.ndarray, clicks: int):
             mask_input=low,
             multimask_output=False,
         )
-        pred = masks[0]
+        pred = masks[0] if valid is None else masks[0] & valid
         curve.append(dice(pred, gt))
     return pred, curve
 
 
+def item_fov(item, shape: tuple[int, int]) -> np.ndarray | None:
+    """An item's field of view (H, W) bool (`load_valid`), or None when it has none; ValueError
+    when it is not of the ground truth's `shape`."""
+    load = getattr(item, "load_valid", None)
+    valid = load() if load is not None else None
+    if valid is not None and valid.shape != tuple(shape):
+        raise ValueError(
+            f"{item.sample_id}: its field of view is {valid.shape[0]}x{valid.shape[1]}, its mask "
+            f"{shape[0]}x{shape[1]}: the store's fov must have its image's size; rebuild it"
+        )
+    return valid
+
+
 def evaluate_item(predictor, item, cfg: EvalConfig) -> tuple[CaseRow, np.ndarray] | None:
     """One `EvalItem` under `cfg`'s protocol: its row and predicted mask (H, W) bool; None when
-    its ground truth is empty (no prompt can be made from it)."""
+    its ground truth is empty (no prompt can be made from it). With a field of view
+    (`item.load_valid`), ground truth, predictions and baseline are zeroed outside it first."""
     from samed2_kit.metrics import case_metrics
 
     image, gt = item.load()
+    valid = item_fov(item, gt.shape)
+    if valid is not None:
+        gt = gt & valid
     if not gt.any():
         return None
     t = getattr(predictor, "clip_len", 1)  # temporal models see the clip they trained on
@@ -114,13 +138,13 @@ def evaluate_item(predictor, item, cfg: EvalConfig) -> tuple[CaseRow, np.ndarray
     box = gt_prompt(gt, "box")["box"]
     curve: list[float] = []
     if cfg.prompt == "box+clicks":
-        pred, curve = click_session(predictor, gt, box, cfg.clicks)
+        pred, curve = click_session(predictor, gt, box, cfg.clicks, valid)
     else:
         masks, _, _ = predictor.predict(**gt_prompt(gt, cfg.prompt), multimask_output=False)
-        pred = masks[0]
+        pred = masks[0] if valid is None else masks[0] & valid
     tol = cfg.nsd_tolerance(item.modality)
-    m = case_metrics(pred, gt, item.spacing, tol)
-    b = case_metrics(box_mask(gt.shape, box), gt, item.spacing, tol)
+    m = case_metrics(pred, gt, item.spacing, tol, valid=valid)
+    b = case_metrics(box_mask(gt.shape, box), gt, item.spacing, tol, valid=valid)
     row = CaseRow(
         item.sample_id, item.case_id, item.task, item.label, item.modality,
         m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95,

@@ -1,6 +1,8 @@
 """Evaluation items: one image + ground-truth mask at original resolution, with its spacing.
 
-Provided from a medbank store split (what training and `samed2 eval` use).
+Provided from a medbank store split (what training and `samed2 eval` use). Where the store's
+images/ table has a `fov` column (field of view, PNG 0/255), `EvalItem.load_valid` gives it;
+evaluation zeroes prediction and ground truth outside it (`engine.evaluate`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,19 @@ class EvalItem:
     # load_clip(T) -> (T, H, W[, 3]) the T adjacent slices around the image (the image at T // 2),
     # for models with temporal adapters; None: the image alone
     load_clip: Callable[[int], np.ndarray] | None = None
+    # load_valid() -> (H, W) bool field of view (True inside) or None (no FOV: every pixel
+    # counts); None: the item has no FOV
+    load_valid: Callable[[], np.ndarray | None] | None = None
+
+
+def fov_array(cell) -> np.ndarray | None:
+    """A decoded `fov` cell (PIL image or array, 0/255 grey or RGB; bool) -> (H, W) bool,
+    True inside the field of view (> 127); None for None (the image has no FOV)."""
+    if cell is None:
+        return None
+    arr = np.asarray(cell)
+    arr = arr[..., 0] if arr.ndim == 3 else arr
+    return arr if arr.dtype == bool else arr > 127
 
 
 def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[EvalItem]:
@@ -36,6 +51,8 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
     from samed2_kit.medbank.store import open_store, spacing_unknown
 
     manifest, images, samples = open_store(store)
+    fovs = images.select_columns(["fov"]) if "fov" in images.column_names else None
+    images = images.select_columns(["image"])  # decoding a row decodes only its image
     unknown = spacing_unknown(manifest)
     cols = samples.select_columns(["split", "task", "mask_area"])
     rows = [
@@ -55,6 +72,12 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
             return img, (mask[..., 0] if mask.ndim == 3 else mask) > 127
 
         return load
+
+    def fov_loader(image_row: int):
+        def load_valid():
+            return fov_array(fovs[image_row]["fov"])
+
+        return load_valid
 
     def clip_loader(neighbors: list[int], where: str):
         def load_clip(t: int) -> np.ndarray:
@@ -77,7 +100,8 @@ def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> 
             EvalItem(sid, m["case_id"], m["task"], m["label"], tuple(m["spacing"][1:]),
                      loader(row, m["image_row"]), modality=m["modality"],
                      load_clip=clip_loader(m["neighbors"], sid),
-                     spacing_known=m["case_id"] not in unknown)
+                     spacing_known=m["case_id"] not in unknown,
+                     load_valid=None if fovs is None else fov_loader(m["image_row"]))
         )  # fmt: skip
     return out
 

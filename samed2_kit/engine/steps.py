@@ -26,6 +26,12 @@ def batch_prompts(batch: dict, mode: str):
     return Prompts(points=points, point_labels=labels, boxes=boxes)
 
 
+def fov_kwargs(batch: dict) -> dict:
+    """The loss's keyword for the batch's field of view: {"valid": (B, 1, S, S)} when the batch
+    has one (`medbank.dataset.collate_clips`), else {} (the loss sees every pixel, as before)."""
+    return {} if batch.get("valid") is None else {"valid": batch["valid"]}
+
+
 def _support_kwargs(batch: dict) -> dict:
     """Model keyword arguments for an episode batch's supports (support b serves query b)."""
     if "support_image" not in batch:
@@ -48,8 +54,9 @@ class StepResult:
 
 def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
     """The training step on images (or clips of T adjacent slices), one prompt per image: one
-    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`;
-    with `train.clicks`, also the corrective rounds' (`engine.clicks`)."""
+    forward through the (DDP-wrapped) model, the segmentation loss against `batch["mask"]`
+    (inside `batch["valid"]`, the field of view, when the batch has one); with `train.clicks`,
+    also the corrective rounds' (`engine.clicks`), whose clicks stay inside the field of view."""
     from samed2_kit.engine.clicks import round_loss
 
     prompts = batch_prompts(batch, recipe.data.prompt.mode)
@@ -63,9 +70,10 @@ def image_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
     else:
         out = model(batch["image"], prompts, recipe.train.multimask, batch["clip_len"], meta,
                     **_support_kwargs(batch))  # fmt: skip
+    valid = batch.get("valid")
     loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"],
-                   out.source_logits)  # fmt: skip
-    return StepResult(round_loss(loss_fn, loss, out.rounds, batch["mask"]), out, meta)
+                   out.source_logits, **fov_kwargs(batch))  # fmt: skip
+    return StepResult(round_loss(loss_fn, loss, out.rounds, batch["mask"], valid), out, meta)
 
 
 def _clicked_forward(model, batch: dict, prompts: Prompts, recipe: Recipe, meta: dict):
@@ -86,7 +94,8 @@ def _clicked_forward(model, batch: dict, prompts: Prompts, recipe: Recipe, meta:
 
     first = chosen_mask(out.low_res_logits, out.iou)
     out.rounds = correct(decode, first, prompts, batch["mask"], batch["seed"].tolist(),
-                         recipe.train.clicks, int(batch["clip_len"]))  # fmt: skip
+                         recipe.train.clicks, int(batch["clip_len"]),
+                         valid=batch.get("valid"))  # fmt: skip
     return out
 
 
@@ -108,8 +117,10 @@ def sequence_step(model, batch: dict, recipe: Recipe, loss_fn) -> StepResult:
                             clicks=recipe.train.clicks)  # fmt: skip
     out = model(batch, run=run)
     meta = {k: batch[k] for k in ("case_id", "task", "modality")}
-    loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"], {})
-    return StepResult(round_loss(loss_fn, loss, out.rounds, batch["mask"]), out, meta)
+    loss = loss_fn(out.low_res_logits, out.iou, out.object_score_logits, batch["mask"], {},
+                   **fov_kwargs(batch))  # fmt: skip
+    rounds = round_loss(loss_fn, loss, out.rounds, batch["mask"], batch.get("valid"))
+    return StepResult(rounds, out, meta)
 
 
 # kinds of training step, by name (`train.step` of a recipe); a step is called as

@@ -22,6 +22,10 @@ the other slices stay empty.
 Volumes come from a medbank store: per (case, label), the slices stored for the case (the
 object's slices and `clip_radius` slices around them), as the 8-bit images training saw, with
 the object's masks (empty where the store has none). A store of 2D images has no volumes.
+
+Field of view: where the store's images/ table has a `fov` column and some slice of the volume
+has one (`VolumeItem.load_valid`; a slice without counts whole), the ground truth, every
+prediction (clicks are placed inside it) and the baseline are zeroed outside it before metrics.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class VolumeItem:
     window: tuple[float, float] | None = None
     key: int | None = None  # the key slice (row of the volume), set by `load`
     spacing_known: bool = True  # False: spacing is 1 per pixel, distances in px
+    # load_valid() -> (Z, H, W) bool field of view, or None (every voxel counts)
+    load_valid: Callable[[], np.ndarray | None] | None = None
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         """The key slice (image, mask): what 2D reports (overlays) show of a volume."""
@@ -116,10 +122,21 @@ def volumes_from_store(store: str, split: str, tasks: list[str] | None = None) -
 def _item(images, samples, key, found: dict[int, tuple[int, int]], slices: dict[int, int]):
     """The VolumeItem of one (case, label): `found` {z: (sample row, mask area)}, `slices` {z:
     image row} of the case; the volume is the run of stored slices around the largest mask."""
+    from samed2_kit.engine.items import fov_array
+
     case, label = key
     rows = {z: row for z, (row, _) in found.items()}
     first = samples.select_columns(["task", "modality", "spacing"])[next(iter(rows.values()))]
     zs = _contiguous(sorted(slices), max(found, key=lambda z: (found[z][1], -z)))
+    fovs = images.select_columns(["fov"]) if "fov" in images.column_names else None
+    images = images.select_columns(["image"])  # decoding a row decodes only its image
+
+    def load_valid() -> np.ndarray | None:
+        cells = [fov_array(fovs[slices[z]]["fov"]) for z in zs]
+        if all(c is None for c in cells):
+            return None
+        shape = next(c.shape for c in cells if c is not None)
+        return np.stack([np.ones(shape, bool) if c is None else c for c in cells])
 
     def load() -> tuple[np.ndarray, np.ndarray]:
         imgs = np.stack([np.asarray(images[slices[z]]["image"]) for z in zs])
@@ -132,10 +149,11 @@ def _item(images, samples, key, found: dict[int, tuple[int, int]], slices: dict[
         return imgs, masks
 
     return VolumeItem(f"{case}#{label}", case, first["task"], label, first["modality"],
-                      tuple(float(v) for v in first["spacing"]), zs[0], load)  # fmt: skip
+                      tuple(float(v) for v in first["spacing"]), zs[0], load,
+                      load_valid=None if fovs is None else load_valid)  # fmt: skip
 
 
-def _slice_box(model, images, gt, box, z, cfg, spacing):
+def _slice_box(model, images, gt, box, z, cfg, spacing, valid=None):
     """`slice-box`: the key slice's box, propagated both ways; no click curve."""
     from samed2_kit.prompts import Prompt
     from samed2_kit.volume import propagate_volume
@@ -143,15 +161,17 @@ def _slice_box(model, images, gt, box, z, cfg, spacing):
     return propagate_volume(model, images, {z: Prompt(box=box)}, modality="2d"), []
 
 
-def _slice_box_clicks(model, images, gt, box, z, cfg, spacing):
+def _slice_box_clicks(model, images, gt, box, z, cfg, spacing, valid=None):
     """`slice-box+clicks`: `slice-box`, then up to `cfg.clicks` corrective clicks in 3D, each
-    re-propagating from its slice; the 3D Dice after the box and after every click."""
+    re-propagating from its slice; the 3D Dice after the box and after every click. `valid`
+    (Z, H, W) bool field of view: predictions zeroed outside it, so clicks land inside."""
     from samed2_kit.engine.click_rule import dice, largest_error
     from samed2_kit.prompts import Prompt
     from samed2_kit.volume import propagate_volume
 
     prompts = {z: {"box": box}}
     pred = propagate_volume(model, images, {z: Prompt(box=box)}, modality="2d")
+    pred = pred if valid is None else pred & valid
     curve = [dice(pred, gt)]
     for _ in range(cfg.clicks):
         found = largest_error(pred, gt, spacing)
@@ -169,11 +189,12 @@ def _slice_box_clicks(model, images, gt, box, z, cfg, spacing):
                            mask_input=v.get("mask_input"))
                  for k, v in prompts.items()}  # fmt: skip
         pred = propagate_volume(model, images, asked, modality="2d")
+        pred = pred if valid is None else pred & valid
         curve.append(dice(pred, gt))
     return pred, curve
 
 
-def _box_per_slice(model, images, gt, box, z, cfg, spacing):
+def _box_per_slice(model, images, gt, box, z, cfg, spacing, valid=None):
     """`box-per-slice`: every slice where the object is present gets its own tight box,
     decoded from its clip of T slices, without propagation; the other slices stay empty."""
     from samed2_kit.prompts import Prompt, box_from_mask
@@ -184,8 +205,9 @@ def _box_per_slice(model, images, gt, box, z, cfg, spacing):
 
 
 # volume protocols, by name (`eval.prompt`): f(model, images (Z, H, W) uint8, gt (Z, H, W) bool,
-# key box (4,), key slice z, EvalConfig, spacing (z, y, x) mm) -> (prediction (Z, H, W) bool,
-# the per-click 3D Dice curve or [])
+# key box (4,), key slice z, EvalConfig, spacing (z, y, x) mm[, valid=(Z, H, W) bool field of
+# view, given only when the volume has one]) -> (prediction (Z, H, W) bool, the per-click 3D
+# Dice curve or []); `evaluate_volume` zeroes the prediction outside the FOV afterwards
 VOLUME_PROTOCOLS = {"slice-box": _slice_box, "slice-box+clicks": _slice_box_clicks,
                     "box-per-slice": _box_per_slice}  # fmt: skip
 
@@ -203,14 +225,24 @@ def evaluate_volume(model, item: VolumeItem, cfg) -> tuple:
     if images.ndim != 3:
         raise ValueError(f"{item.sample_id}: volume evaluation takes grey volumes (Z, H, W), "
                          f"got {images.shape}")  # fmt: skip
+    load = getattr(item, "load_valid", None)
+    valid = load() if load is not None else None
+    if valid is not None:
+        if valid.shape != gt.shape:
+            raise ValueError(f"{item.sample_id}: its field of view is {valid.shape}, its masks "
+                             f"{gt.shape}: the store's fov must have its image's size; rebuild "
+                             "it")  # fmt: skip
+        gt = gt & valid
     if not gt.any():
         return None
     z = key_slice(gt)
     box = box_from_mask(gt[z])
-    pred, curve = VOLUME_PROTOCOLS[cfg.prompt](model, images, gt, box, z, cfg, item.spacing)
+    kw = {} if valid is None else {"valid": valid}
+    pred, curve = VOLUME_PROTOCOLS[cfg.prompt](model, images, gt, box, z, cfg, item.spacing, **kw)
+    pred = pred if valid is None else pred & valid
     tol = cfg.nsd_tolerance(item.modality)
-    m = case_metrics(pred, gt, item.spacing, tol)
-    b = case_metrics(extruded_box(gt, box), gt, item.spacing, tol)
+    m = case_metrics(pred, gt, item.spacing, tol, valid=valid)
+    b = case_metrics(extruded_box(gt, box), gt, item.spacing, tol, valid=valid)
     row = CaseRow(item.sample_id, item.case_id, item.task, item.label, item.modality,
                   m.dice, m.nsd, m.hd95, b.dice, b.nsd, b.hd95, click_dice=curve,
                   dice_auc=dice_auc(curve) if curve else float("nan"),

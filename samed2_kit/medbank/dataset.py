@@ -3,6 +3,12 @@
 Reads ``STORE/images`` and ``STORE/samples`` (see :mod:`samed2_kit.medbank.schema`) memory-mapped
 with ``datasets.load_from_disk``; PNG cells are read as bytes (``Image(decode=False)``) and decoded
 with OpenCV. ``collate_clips`` flattens clips into the model's ``(B*T, ...)`` rows, clip-major.
+
+Field of view: where ``images/`` has a ``fov`` column (PNG 0/255 of the image's size; None where
+the source has none), each slice's FOV travels with its mask through augmentation and resizing
+and comes out as ``valid`` (1 inside); training ignores the pixels outside it (`losses.SegLoss`).
+Stores without the column (or with None in every cell) read nothing more and yield all-ones
+``valid``.
 """
 
 from __future__ import annotations
@@ -46,7 +52,8 @@ def decode_png(cell: dict | None, where: str) -> np.ndarray:
 
 def open_store_raw(store_dir: str | Path):
     """A store's ``(images, samples)`` tables (`store.open_store`), PNG columns as raw bytes;
-    ``images`` keeps only its ``image`` column. ValueError if sample columns are missing."""
+    ``images`` keeps only its ``image`` column, and ``fov`` (field of view) where the store has
+    one. ValueError if sample columns are missing."""
     from datasets import Image
 
     from samed2_kit.medbank.store import open_store
@@ -58,8 +65,21 @@ def open_store_raw(store_dir: str | Path):
             f"store {store_dir}: missing columns {absent or ['images/image']}; rebuild the store "
             "with this samed2_kit version"
         )
-    images = images.select_columns(["image"]).cast_column("image", Image(decode=False))
+    keep = ["image", "fov"] if "fov" in images.column_names else ["image"]
+    images = images.select_columns(keep)
+    for name in keep:
+        images = images.cast_column(name, Image(decode=False))
     return images, samples.cast_column("mask", Image(decode=False))
+
+
+def _fov_table(images):
+    """``images``' ``fov`` column as a one-column table, or None when the store has no such
+    column or every cell is None (then nothing about FOVs is read per item)."""
+    if "fov" not in images.column_names:
+        return None
+    fovs = images.select_columns(["fov"])
+    col = fovs.with_format("arrow")[:]["fov"]
+    return None if col.null_count == len(col) else fovs
 
 
 def _select_rows(samples, store, split, tasks, modalities) -> np.ndarray:
@@ -114,7 +134,9 @@ class StoreDataset(torch.utils.data.Dataset):
     ``spacing`` (z, y, x) mm; ``slice_index`` of the centre; ``case_id``, ``sample_id``
     (``"{case_id}#{label}@{slice_index}"``), ``task``, ``label``, ``modality``; ``seed`` an
     int drawn from rng ``[seed, epoch, i, 2]``: the item's own stream (training's corrective
-    clicks, `engine.clicks`).
+    clicks, `engine.clicks`); ``valid`` (T, 1, S, S) float32 {0, 1}: each slice's field of view
+    (``images/`` column ``fov``), flipped, warped and resized exactly like its mask; all ones
+    where the slice has no FOV or the store has no ``fov`` column (then nothing is decoded).
     """
 
     def __init__(
@@ -134,7 +156,9 @@ class StoreDataset(torch.utils.data.Dataset):
         self.seed, self.augment, self.epoch = int(seed), augment, 0
         if self.clip_len < 1:
             raise ValueError(f"clip_len={clip_len}: a clip has at least 1 slice")
-        self._images, self._samples = open_store_raw(self.store_dir)
+        images, self._samples = open_store_raw(self.store_dir)
+        self._images = images.select_columns(["image"])
+        self._fovs = _fov_table(images)
         self._masks = self._samples.select_columns(["mask"])
         self.rows = _select_rows(self._samples, self.store_dir, split, tasks, modalities)
         self._check_clip_len()
@@ -172,6 +196,31 @@ class StoreDataset(torch.utils.data.Dataset):
             for r, c in zip(uniq, cells, strict=True)
         }
 
+    def _decode_fovs(self, rows: Sequence[int], hw: tuple[int, int], where: str) -> list | None:
+        """Each image row's field of view (H, W) bool (> 127 inside; None where the row has
+        none), in ``rows`` order; None when no row has one or the store has no ``fov`` column."""
+        if self._fovs is None:
+            return None
+        uniq = sorted({int(r) for r in rows})
+        cells = dict(zip(uniq, self._fovs[uniq]["fov"], strict=True))
+        if all(cells[r] is None for r in uniq):
+            return None
+        by_row = {}
+        for r, cell in cells.items():
+            if cell is None:
+                by_row[r] = None
+                continue
+            fov = decode_png(cell, f"{where}, fov of image row {r}")
+            fov = fov[..., 0] if fov.ndim == 3 else fov
+            if fov.shape != hw:
+                raise ValueError(
+                    f"{where}: the fov of image row {r} is {fov.shape[0]}x{fov.shape[1]}, its "
+                    f"image {hw[0]}x{hw[1]}: a field of view must have its image's size; "
+                    "rebuild the store"
+                )
+            by_row[r] = fov > 127
+        return [by_row[int(r)] for r in rows]
+
     def __getitem__(self, i: int) -> dict:
         i = range(len(self.rows))[i]
         row, size, t = int(self.rows[i]), self.image_size, self.clip_len
@@ -195,9 +244,13 @@ class StoreDataset(torch.utils.data.Dataset):
         by_row = {r: normalize_intensity(x, "2d") for r, x in by_row.items()}
         images = [by_row[r] for r in img_rows]
         masks = [masks_by_row[r] if r >= 0 else np.zeros((h, w), bool) for r in mask_rows]
-        if self.augment:
+        fovs = self._decode_fovs(img_rows, (h, w), where)
+        if fovs is not None:
+            fovs = [np.ones((h, w), bool) if f is None else f for f in fovs]
+        if self.augment:  # the FOVs ride along as extra masks: the same draw, the same geometry
             rng = np.random.default_rng([self.seed, self.epoch, i, 1])
-            images, masks = augment_clip(images, masks, rng, ref=t // 2)
+            images, both = augment_clip(images, masks + (fovs or []), rng, ref=t // 2)
+            masks, fovs = both[:t], (both[t:] if fovs is not None else None)
         centre, rng = masks[t // 2], np.random.default_rng([self.seed, self.epoch, i])
         full = Prompt(box=np.array([0, 0, w - 1, h - 1], np.float32))
         p = scale_prompt(
@@ -206,9 +259,12 @@ class StoreDataset(torch.utils.data.Dataset):
         box = p.box if p.box is not None else np.zeros(4, np.float32)
         points = p.points if p.points is not None else np.zeros((0, 2), np.float32)
         labels = p.labels if p.labels is not None else np.zeros(0, np.int64)
+        valid = (torch.ones(t, 1, size, size) if fovs is None else
+                 torch.stack([resize_mask(np.ascontiguousarray(f), size) for f in fovs]))  # fmt: skip
         return {
             "image": torch.stack([to_model_input(np.asarray(x, np.float32), size) for x in images]),
             "mask": torch.stack([resize_mask(np.ascontiguousarray(m), size) for m in masks]),
+            "valid": valid,
             "box": torch.from_numpy(box), "has_box": p.box is not None,
             "points": torch.from_numpy(points), "point_labels": torch.from_numpy(labels),
             "orig_hw": (h, w), "spacing": tuple(float(v) for v in s["spacing"]),
@@ -225,7 +281,10 @@ def collate_clips(batch: Sequence[dict]) -> dict:
     each clip's prompt repeated over its slices: ``box`` (B*T, 4), ``has_box`` (B*T,),
     ``points`` (B*T, N, 2) and ``point_labels`` (B*T, N), padded to the largest N with label -1;
     per clip: ``orig_hw`` (B, 2) int64, ``spacing`` (B, 3) float64 mm, ``slice_index`` (B,)
-    int64 (centre slices), ``seed`` (B,) int64 (the clip's own random stream), strings as lists of length B; ``clip_len`` T (int). With T = 1 the
+    int64 (centre slices), ``seed`` (B,) int64 (the clip's own random stream), strings as
+    lists of length B; ``clip_len`` T (int); ``valid`` (B*T, 1, S, S) float32 {0, 1}, the
+    slices' fields of view, only when some pixel of the batch lies outside one (without it a
+    batch is trained on every pixel, exactly as before FOVs existed). With T = 1 the
     keys of ``pair_dataset.collate`` have its shapes (``spacing`` has 3 values, not 2)."""
     t = int(batch[0]["image"].shape[0])
     if any(b["image"].shape[0] != t for b in batch):
@@ -239,6 +298,8 @@ def collate_clips(batch: Sequence[dict]) -> dict:
     out["slice_index"] = torch.tensor([b["slice_index"] for b in batch], dtype=torch.int64)
     out["seed"] = torch.tensor([b["seed"] for b in batch], dtype=torch.int64)
     out["clip_len"] = t
+    if any("valid" in b and bool((b["valid"] < 1).any()) for b in batch):
+        out["valid"] = torch.cat([b.get("valid", torch.ones_like(b["mask"])) for b in batch])
     if "support_image" in batch[0]:  # few-shot episodes (`engine.episodes`)
         for key in ("support_image", "support_mask"):
             out[key] = torch.stack([b[key] for b in batch])

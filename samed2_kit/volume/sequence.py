@@ -199,7 +199,9 @@ def sequence_forward(model, batch: dict, memory_frames: int = 6, clicks=None) ->
     fix = None
     if clicks is not None and clicks.prob > 0:  # corrective clicks on the prompted slices
         gt, seeds = batch["mask"][centre], batch["seed"].tolist()
-        fix = functools.partial(correct, prompts=prompts, gt=gt, seeds=seeds, cfg=clicks)
+        valid = batch["valid"][centre] if batch.get("valid") is not None else None
+        fix = functools.partial(correct, prompts=prompts, gt=gt, seeds=seeds, cfg=clicks,
+                                valid=valid)  # fmt: skip
     done = {c: prompted(model, feats.select(centre), prompts, meta, fix)}
     passes = {step: Pass.begin(model.sam, done[c], memory_frames, n) for step in (1, -1)}
     for k in _order(n):
