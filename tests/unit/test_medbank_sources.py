@@ -10,6 +10,7 @@ import pytest
 from samed2_kit.medbank.cases import load_case, slice_case
 from samed2_kit.medbank.layouts import enumerate_cases
 from samed2_kit.medbank.spec import ItemSpec, SourceSpec, load_spec
+from tests._dicom import write_series
 
 
 def _img(path: Path, arr: np.ndarray) -> Path:
@@ -339,28 +340,6 @@ def test_fov_files_beside_images_are_not_images(tmp_path):
 # ---- DICOM series, case ids ----
 
 
-def _dicom_series(folder: Path, uid: str, value: int, n: int = 3, size: int = 16) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((size, size), value + 1024, np.int16)
-    for k in range(n):
-        ds = Dataset()
-        ds.update(dict(
-            SOPClassUID=CTImageStorage, SOPInstanceUID=generate_uid(), Modality="CT",
-            SeriesInstanceUID=uid, StudyInstanceUID="1.2.3", FrameOfReferenceUID="1.2.4",
-            PatientID="p1", InstanceNumber=k + 1, ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
-            ImagePositionPatient=[0.0, 0.0, 2.0 * k], PixelSpacing=[1.0, 1.0], SliceThickness=2,
-            Rows=size, Columns=size, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
-            BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=1, RescaleSlope=1,
-            RescaleIntercept=-1024, PixelData=pixels.tobytes(),
-        ))  # fmt: skip
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.save_as(folder / f"{uid[-3:]}_{k:03d}.dcm", enforce_file_format=True)
-
-
 def test_series_uid_of_an_item_picks_the_series(tmp_path):
     pytest.importorskip("pydicom")
     import nibabel as nib
@@ -369,7 +348,7 @@ def test_series_uid_of_an_item_picks_the_series(tmp_path):
 
     uids = ("1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.202")
     for uid, value in zip(uids, (100, 300), strict=True):
-        _dicom_series(tmp_path / "ct", uid, value)
+        write_series(tmp_path / "ct", uid, value=value)
     vol = read_volume(tmp_path / "ct", series_uid=uids[1])
     lab = np.zeros(vol.shape_zyx, np.uint8)
     lab[:, 4:10, 4:10] = 1

@@ -16,6 +16,7 @@ from samed2_kit.model.assemble import save as save_model
 from samed2_kit.model.predictor import MIN_IMAGE_SIDE, Predictor
 from samed2_kit.predict import read_prompts
 from samed2_kit.prompts import check_prompt
+from tests._dicom import write_series
 
 H, W = 48, 64  # the synthetic image: (rows, columns)
 BOX = [8, 6, 40, 30]  # x0, y0, x1, y1 inside it
@@ -310,36 +311,12 @@ def test_cli_normalises_like_the_api(run_dir, tmp_path, capsys, tiny_model):
 UIDS = ("1.2.826.0.1.3680043.8.498.501", "1.2.826.0.1.3680043.8.498.502")
 
 
-def _dicom_series(folder, uid: str, n: int = 3, size: int = 16) -> None:
-    """`n` CT slices of size x size px, 2 mm apart, into `folder` (files named by the uid)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    folder.mkdir(exist_ok=True)
-    pixels = np.zeros((size, size), np.int16)
-    pixels[4:12, 4:12] = 300
-    for k in range(n):
-        ds = Dataset()
-        ds.update(dict(
-            SOPClassUID=CTImageStorage, SOPInstanceUID=generate_uid(), Modality="CT",
-            SeriesInstanceUID=uid, StudyInstanceUID="1.2.3", FrameOfReferenceUID="1.2.4",
-            PatientID="p1", InstanceNumber=k + 1, ImageOrientationPatient=[1, 0, 0, 0, 1, 0],
-            ImagePositionPatient=[0.0, 0.0, 2.0 * k], PixelSpacing=[1.0, 1.0], SliceThickness=2,
-            Rows=size, Columns=size, SamplesPerPixel=1, PhotometricInterpretation="MONOCHROME2",
-            BitsAllocated=16, BitsStored=16, HighBit=15, PixelRepresentation=1, RescaleSlope=1,
-            RescaleIntercept=-1024, PixelData=pixels.tobytes(),
-        ))  # fmt: skip
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.save_as(folder / f"{uid[-3:]}_{k:03d}.dcm", enforce_file_format=True)
-
-
 def test_series_uid_picks_one_series_of_a_dicom_folder(run_dir, tmp_path, capsys):
     pytest.importorskip("samed2_kit.volume")
     pytest.importorskip("highdicom")
     folder = tmp_path / "two_series"
     for uid in UIDS:
-        _dicom_series(folder, uid)
+        write_series(folder, uid)
     prompts = _prompts_file(tmp_path, {"slices": {"1": {"box": [4, 4, 11, 11]}}})
     out = tmp_path / "out"
     argv = ["predict", str(run_dir), str(folder), "--prompts", prompts, "--out", str(out)]
