@@ -198,6 +198,10 @@ def load(folder_or_file: str | Path, device: str | torch.device | None = None):
     from samed2_kit.model.build import build_model
 
     path = Path(folder_or_file)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} does not exist: pass a run folder written by `samed2 train`/`quickstart`"
+        )
     folder = path if path.is_dir() else path.parent
     meta = read_manifest(folder)
     digest = (meta.get("files") or {}).get(WEIGHTS)
