@@ -4,6 +4,7 @@ samed2 quickstart [--checkpoint PATH] [--out DIR] [key=value ...]
 samed2 train RECIPE.yaml [--out DIR] [--resume | --overwrite] [key=value ...]
 samed2 eval RUN_DIR [STORE] [--split S] [--protocol P] [--clicks K] [--out DIR] [key=value ...]
 samed2 predict RUN_DIR INPUT [--prompts P.json] [--out PATH] [--format F] [--support IMG MASK]
+               [--series-uid UID]
 samed2 medbank build|info|verify ...
 samed2 memory info|prune|export BANK ...
 samed2 info
@@ -12,7 +13,6 @@ samed2 info
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -70,14 +70,16 @@ def _eval_recipe(folder: Path, args):
     if args.recipe:
         recipe = load_recipe(args.recipe, args.overrides)
     else:
+        from samed2_kit.model.assemble import read_manifest
+
         meta = folder / "model.json"
         if not meta.is_file():
             raise FileNotFoundError(
                 f"{meta} not found: WEIGHTS must be a run folder written by `samed2 train` "
                 "(model.safetensors + model.json)"
             )
-        saved = json.loads(meta.read_text())
-        if "recipe" not in saved:
+        saved = read_manifest(folder)  # names the file when it is not valid JSON
+        if not isinstance(saved.get("recipe"), dict):
             raise ValueError(f"{meta} holds no recipe: pass --recipe RECIPE.yaml")
         source = f"{meta} (+ overrides)" if args.overrides else str(meta)
         recipe = from_dict(Recipe, apply_overrides(saved["recipe"], args.overrides), "", source)
@@ -163,7 +165,7 @@ def cmd_predict(args) -> int:
     trained_on = read_manifest(Path(args.weights)).get("modalities", [])
     path = predict_file(model, args.input, args.prompts, args.out, args.format, args.modality,
                         window, args.support, progress=True, trained_on=trained_on,
-                        overwrite=args.overwrite)  # fmt: skip
+                        overwrite=args.overwrite, series_uid=args.series_uid)  # fmt: skip
     print(f"[samed2] wrote {path}")
     return 0
 
@@ -226,11 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CT window in HU (default 40 400)")  # fmt: skip
     pr.add_argument("--support", nargs=2, action="append", metavar=("IMAGE", "MASK"),
                     help="few-shot support (repeatable; models with a support-reading source)")  # fmt: skip
+    pr.add_argument("--series-uid", metavar="UID",
+                    help="the SeriesInstanceUID to read from a DICOM folder holding several")  # fmt: skip
     pr.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="versions and model variants")
     i.set_defaults(func=cmd_info)
     return p
+
+
+def _not_key_value(words: list[str]) -> str:
+    """The error for overrides lacking `=` (e.g. `train.steps 5`), with the likely fix."""
+    import re
+
+    msg = f"override {words[0]!r} is not key=value (e.g. train.steps=100)"
+    key = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
+    if len(words) > 1 and key.match(words[0]) and not key.match(words[1]):
+        msg += f": write {words[0]}={words[1]}"
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,6 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     stray = [
         e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")
     ]
+    words = [e for e in stray if not e.startswith("-")]
+    if hasattr(args, "overrides") and len(words) == len(stray):  # no unknown --option
+        bad = [e for e in [*args.overrides, *words] if "=" not in e]
+        if bad:
+            print(f"samed2 {args.command}: error: {_not_key_value(bad)}", file=sys.stderr)
+            return 2
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:

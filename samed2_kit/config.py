@@ -329,6 +329,8 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
     source = "<defaults>"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"recipe {path} is a folder: pass the recipe's YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"recipe {path} does not exist")
         source = str(path)
@@ -336,6 +338,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"recipe {path} is not valid YAML: {e}") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"recipe {path} cannot be read as text ({e}): pass a YAML recipe "
+                             "file you can read") from e  # fmt: skip
+        if not isinstance(data, dict):
+            raise ValueError(f"recipe {path} holds a {type(data).__name__}, not a mapping of "
+                             "sections (model:, data:, train: ...): fix the file")  # fmt: skip
     apply_overrides(data, overrides or [])
     recipe = from_dict(Recipe, data, "", source if not overrides else f"{source} (+ overrides)")
     spec = recipe.data.spec

@@ -228,7 +228,7 @@ def load_adapters(
     """Load `folder/adapters-<name>.*` into `model`, injecting missing adapters from the saved
     config. Every saved tensor must land. Checks variant, image size and base hash unless
     `strict_base=False`."""
-    from safetensors.torch import load_file
+    from samed2_kit.model.build import read_safetensors
 
     st_path, json_path = _paths(folder, name)
     for p in (st_path, json_path):
@@ -237,7 +237,14 @@ def load_adapters(
             raise FileNotFoundError(
                 f"adapter file {p} does not exist (adapter sets there: {found})"
             )
-    meta = json.loads(json_path.read_text())
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"adapter file {json_path} is unreadable or not valid JSON ({e}): "
+                         "re-copy the folder or save the adapters again") from e  # fmt: skip
+    if not isinstance(meta, dict):
+        raise ValueError(f"adapter file {json_path} is not a JSON object: re-copy the folder "
+                         "or save the adapters again")  # fmt: skip
     if meta.get("format") != FORMAT or meta.get("version", 0) > VERSION:
         raise ValueError(
             f"{json_path} is not a {FORMAT} file of version <= {VERSION} "
@@ -249,7 +256,9 @@ def load_adapters(
         raise ValueError("LoRA is merged into the weights: unmerge_lora(model) before loading")
     if strict_base:
         _check_base(model, meta, json_path)
-    tensors = load_file(str(st_path))
+    tensors, _ = read_safetensors(
+        st_path, "re-copy the folder or save the adapters again", "adapter file "
+    )
     out = LoadedAdapters(meta=meta, keys=sorted(tensors))
     _inject_missing(model, meta, tensors, out, json_path)
     result = model.load_state_dict(tensors, strict=False)

@@ -16,7 +16,8 @@ earlier stages use are not touched.
       run.json, report.md, continual.json (matrix, forgetting, gain), per_case.csv (last stage)
       stage-1-<name>/   checkpoints/, train_log.jsonl, tensorboard/, weights.safetensors (the
                         whole model after the stage), memory.safetensors (the bank then, with
-                        memory), eval.json (the matrix row; written last)
+                        memory), eval.json (the matrix row and the sha256 of those files,
+                        checked on --resume; written last)
       model.safetensors, model.json     the final model
 """
 
@@ -154,26 +155,30 @@ def run_continual(
     """Train the recipe's `continual.stages` in order, evaluating every stage's tasks after each;
     returns {"matrix", "forgetting"} ({} on other ranks). `resume` skips finished stages and
     continues the interrupted one from its newest checkpoint."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from samed2_kit.engine.items import items_from_store
-    from samed2_kit.engine.run import start_run, validation
+    from samed2_kit.engine.run import check_tasks, start_run, validation
     from samed2_kit.engine.state import checkpoint_dirs
     from samed2_kit.engine.train import train
     from samed2_kit.model import assemble
-    from samed2_kit.utils.atomic import atomic_path, write_text
+    from samed2_kit.utils.atomic import atomic_path, sha256_file, write_text
 
     stages = recipe.continual.stages
     names = [s.name for s in stages]
     if len(set(names)) != len(names) or len(stages) < 2:
         raise ValueError(f"continual.stages {names}: give at least 2 stages with distinct names")
     out_dir = Path(out_dir or recipe.out_dir)
-    state, store = start_run(recipe, out_dir, resume, overwrite)
+    all_tasks = sorted({t for s in stages for t in s.tasks})  # the similarity prior's classes
+
+    def check(store: str) -> dict:  # before the run folder is created: tasks and split exist
+        check_tasks(recipe, store, all_tasks, "continual.stages[].tasks")
+        return {s.name: items_from_store(store, recipe.eval.split, s.tasks) for s in stages}
+
+    state, store, items = start_run(recipe, out_dir, resume, overwrite, check)
     main = state.is_main_process
-    items = {s.name: items_from_store(store, recipe.eval.split, s.tasks) for s in stages}
 
     # with per-stage adapters each stage adds its own LoRA set; one memory bank across stages
-    all_tasks = sorted({t for s in stages for t in s.tasks})  # the similarity prior's classes
     skip = ("lora",) if any(s.adapter for s in stages) else ()  # stages add their own LoRA sets
     model = assemble.from_recipe(recipe, all_tasks, skip_adapters=skip)
     matrix = [{"after": "start", **_row(evaluate_stages(model, recipe, items))}]
@@ -182,9 +187,7 @@ def run_continual(
         folder = stage_dir(out_dir, i, stage)
         use_stage_adapter(model, recipe, stage)
         if resume and (folder / STAGE_WEIGHTS).is_file() and (folder / STAGE_EVAL).is_file():
-            model.load_state_dict(load_file(str(folder / STAGE_WEIGHTS)))
-            assemble.load_state(model, folder)  # the memory bank as that stage left it
-            matrix.append(json.loads((folder / STAGE_EVAL).read_text()))
+            matrix.append(load_stage(model, folder))
             continue
         sr = stage_recipe(recipe, stage)
         model, result, accel = train(
@@ -200,8 +203,9 @@ def run_continual(
                     k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                 }
                 save_file(state_dict, str(tmp))
-            assemble.save_state(model, folder)
-            write_text(folder / STAGE_EVAL, json.dumps(row, indent=2))  # last: marks it finished
+            written = [STAGE_WEIGHTS, *assemble.save_state(model, folder)]
+            files = {n: sha256_file(folder / n) for n in written}  # checked on --resume
+            write_text(folder / STAGE_EVAL, json.dumps({**row, "files": files}, indent=2))  # last
         state.wait_for_everyone()
     result = {"matrix": matrix, "forgetting": forgetting_table(matrix, names)}
     if main:
@@ -215,6 +219,34 @@ def run_continual(
                   f"(Dice {f['dice_after_own_stage']:.3f} after it, {f['dice_at_end']:.3f} at the end)")  # fmt: skip
         print(f"[samed2] run folder: {out_dir}  (report: {out_dir / 'report.md'})")
     return result if main else {}
+
+
+def load_stage(model, folder: Path) -> dict:
+    """A finished stage on --resume: its files checked against the sha256s its eval.json records,
+    the model's weights and memory bank as the stage left them; returns its matrix row."""
+    from samed2_kit.model import assemble
+    from samed2_kit.model.build import read_safetensors
+    from samed2_kit.utils.atomic import sha256_file
+
+    fix = f"delete {folder} to train that stage again (with --resume)"
+    try:
+        row = json.loads((folder / STAGE_EVAL).read_text())
+        files = row.pop("files", None) or {}  # stages written before digests: none
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{folder / STAGE_EVAL} is unreadable or not a stage's JSON ({e}): "
+                         f"{fix}") from e  # fmt: skip
+    for name, digest in files.items():
+        if not (folder / name).is_file() or sha256_file(folder / name) != digest:
+            raise ValueError(f"stage file {folder / name} is missing or damaged (sha256 differs "
+                             f"from {STAGE_EVAL}): {fix}")  # fmt: skip
+    weights, _ = read_safetensors(folder / STAGE_WEIGHTS, fix, "stage weights ")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"stage weights {folder / STAGE_WEIGHTS} do not fit this model "
+                         f"({str(e).splitlines()[0]}): resume with the run's recipe, or {fix}") from e  # fmt: skip
+    assemble.load_state(model, folder)  # the memory bank as that stage left it
+    return row
 
 
 def _row(summaries: dict) -> dict:

@@ -1,10 +1,25 @@
-"""Run report: a training-curve plot, overlays of the best and worst held-out cases, Markdown."""
+"""Run report: a training-curve plot, overlays of the best and worst evaluated cases, Markdown.
+
+The evaluated split is called "held-out" only when it is not the training split."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+
+def held_out_label(noun: str, splits: tuple[str, str] | None = None) -> str:
+    """`noun` named for the split it was measured on: "held-out Dice", or "Dice on split 'train'
+    (not held out)" when `splits` (evaluated split, training split) are the same split. None:
+    held out."""
+    if splits is None or splits[0] != splits[1]:
+        return f"held-out {noun}"
+    return f"{noun} on split {splits[0]!r} (not held out)"
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _figure():
@@ -50,9 +65,12 @@ def plot_validation(entries: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_overlays(items, rows, preds, path: Path, n: int = 3) -> None:
+def plot_overlays(
+    items, rows, preds, path: Path, n: int = 3, splits: tuple[str, str] | None = None
+) -> None:
     """Best and worst `n` cases by Dice: image, ground truth (green), prediction (red).
-    `items`: the `EvalItem`s evaluated (matched to rows by sample_id)."""
+    `items`: the `EvalItem`s evaluated (matched to rows by sample_id); `splits`: (evaluated,
+    training) split, for the title (`held_out_label`)."""
     from samed2_kit.medbank.preprocess import normalize_intensity
 
     plt = _figure()
@@ -70,7 +88,8 @@ def plot_overlays(items, rows, preds, path: Path, n: int = 3) -> None:
         ax.contour(pred, levels=[0.5], colors="red", linewidths=1.2)
         ax.set_title(f"{row.sample_id}\nDice {row.dice:.3f} (box {row.box_dice:.3f})", fontsize=8)
         ax.axis("off")
-    fig.suptitle("held-out cases, best and worst: ground truth green, prediction red", fontsize=9)
+    cases = held_out_label("cases", splits)
+    fig.suptitle(f"{cases}, best and worst: ground truth green, prediction red", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -167,18 +186,23 @@ def baseline_text(protocol: str, summary: dict) -> str:
 
 
 def markdown(
-    summary: dict, info: dict, click_curve: str | None = None, validation: list | None = None
+    summary: dict,
+    info: dict,
+    click_curve: str | None = None,
+    validation: list | None = None,
+    splits: tuple[str, str] | None = None,
 ) -> str:
     """The run report text: setup, metrics table (model vs box baseline) per task, the plots.
     `info` keys are listed as set-up lines (`eval_prompt`, `eval_clicks` name the protocol);
     `click_curve`: file name of `plot_click_curve`'s PNG, shown when given; `validation`: the
-    log's validation entries (the last one is tabulated, val_dice.png is shown)."""
+    log's validation entries (the last one is tabulated, val_dice.png is shown); `splits`:
+    (evaluated, training) split: the headings say "held-out" only when they differ."""
     protocol = info.get("eval_prompt", "box")
     lines = [f"# Run report: {info.get('name', 'run')}", ""]
     lines += [f"- {k}: {v}" for k, v in info.items() if k != "name"]
     lines += [
         "",
-        f"## Held-out metrics (prompt protocol: {protocol})",
+        f"## {_capital(held_out_label('metrics', splits))} (prompt protocol: {protocol})",
         "",
         f"Protocol {protocol_text(protocol, info.get('eval_clicks'))}.",
         baseline_text(protocol, summary),
@@ -197,7 +221,7 @@ def markdown(
         lines += [f"| {k.removeprefix('dice/')} | {_fmt(v)} |" for k, v in last["val"].items()]
         lines += ["", "![validation Dice](val_dice.png)", ""]
     lines += [
-        "## Best and worst held-out cases",
+        f"## Best and worst {held_out_label('cases', splits)}",
         "",
         "![overlays](overlays.png)",
         "",
@@ -259,6 +283,7 @@ def continual_markdown(result: dict, recipe, store: str) -> str:
     """The continual run's report: stages, the Dice matrix, forgetting and gain per stage."""
     stages = recipe.continual.stages
     names = [st.name for st in stages]
+    dice = _capital(held_out_label("Dice", (recipe.eval.split, recipe.data.train_split)))
     lines = ["# Continual training report", "",
              f"- model: {recipe.model.variant} at {recipe.model.image_size} px; store {store}",
              f"- evaluation: {protocol_text(recipe.eval.prompt, recipe.eval.clicks)}, split "
@@ -267,7 +292,7 @@ def continual_markdown(result: dict, recipe, store: str) -> str:
         replay = st.replay if recipe.continual.replay is None else recipe.continual.replay
         lines.append(f"- stage {i + 1} `{st.name}`: tasks {', '.join(st.tasks)}; {st.steps} "
                      f"steps; replays {replay} earlier examples")  # fmt: skip
-    lines += ["", "## Held-out Dice after each stage (rows) on each stage's tasks (columns)", "",
+    lines += ["", f"## {dice} after each stage (rows) on each stage's tasks (columns)", "",
               "| after | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]  # fmt: skip
     for row in result["matrix"]:
         lines.append(

@@ -8,7 +8,7 @@
       tensorboard/                    event files (`tensorboard --logdir out_dir`)
       model.safetensors, model.json   trained weights (sam2 key names) + variant/size/recipe
       metrics.json                    summary per task, modality and overall, model and box baseline
-      per_case.csv                    one row per held-out sample
+      per_case.csv                    one row per evaluated sample (eval.split)
       training_curve.png, val_dice.png, overlays.png, report.md
 
 Each file is written atomically (temp + rename). A run killed mid-way leaves its checkpoints, and
@@ -59,11 +59,13 @@ def prepare_store(recipe: Recipe, out_dir: Path) -> str:
 RUN_JSON = "run.json"
 
 
-def open_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Check (and on `overwrite`, clear) the run folder before a run; main process only."""
+def check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run folder the run may not use (changes nothing): with `resume` it must hold a
+    started run; without, it must be empty unless `overwrite`."""
     from samed2_kit.engine.state import checkpoint_dirs
 
-    has_files = out_dir.is_dir() and any(out_dir.iterdir())
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a folder: pass a folder for the run")
     if resume:
         if not (out_dir / RUN_JSON).is_file():
             raise ValueError(
@@ -71,15 +73,59 @@ def open_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
                 "without --resume"
             )
         return
-    if has_files and not overwrite:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         what = "checkpoints of a run" if checkpoint_dirs(out_dir) else "files"
         raise ValueError(
             f"run folder {out_dir} already holds {what}: pass --resume to continue it, "
             "--overwrite to replace it, or --out to write elsewhere"
         )
-    if has_files:
+
+
+def open_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Check (and on `overwrite`, clear) the run folder before a run; main process only."""
+    check_run_dir(out_dir, resume, overwrite)
+    if resume:
+        return
+    if out_dir.is_dir() and any(out_dir.iterdir()):
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def check_store_place(recipe: Recipe, out_dir: Path, resume: bool) -> None:
+    """A new run's store may not lie inside its run folder: the store is prepared before the
+    folder is created (or cleared by --overwrite)."""
+    store = recipe.data.store
+    if store and not resume and Path(store).resolve().is_relative_to(out_dir.resolve()):
+        raise ValueError(
+            f"data.store={store} lies inside the run folder {out_dir}: put it beside the run "
+            f"folder (the default: {out_dir}-store) or elsewhere"
+        )
+
+
+def check_checkpoint(recipe: Recipe) -> None:
+    """`model.checkpoint` exists and is a weights file (quick checks, no tensors read)."""
+    from samed2_kit.model.build import check_checkpoint as check
+
+    if recipe.model.checkpoint:
+        try:
+            check(recipe.model.checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"model.checkpoint: {e}") from e
+
+
+def check_tasks(
+    recipe: Recipe, store: str, tasks: list[str] | None, key: str = "data.tasks"
+) -> None:
+    """Every task the run names (in recipe key `key`) is in the store's training split."""
+    if not tasks:
+        return
+    found = store_tasks(store, recipe.data.train_split)
+    unknown = [t for t in tasks if t not in found]
+    if unknown:
+        raise ValueError(
+            f"{key}: {unknown} not in split {recipe.data.train_split!r} of store {store}, "
+            f"which holds tasks {', '.join(found) or 'none'}: set {key} to some of them"
+        )
 
 
 def remove_unstarted(out_dir: Path) -> None:
@@ -131,7 +177,12 @@ def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) 
         f"{result.steps_run} steps on {accel.device} "
         f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
         "data": f"store {store}: {result.train_samples} training samples "
-        f"(split {recipe.data.train_split}), {n_eval} held-out (split {recipe.eval.split})",
+        f"(split {recipe.data.train_split}), {n_eval} "
+        + (
+            f"held-out (split {recipe.eval.split})"
+            if recipe.eval.split != recipe.data.train_split
+            else f"evaluated (split {recipe.eval.split}: the training split, not held out)"
+        ),
         "modalities": store_modalities(store, recipe.data.train_split),
         "eval_prompt": recipe.eval.prompt,
         **({"eval_clicks": recipe.eval.clicks} if recipe.eval.prompt.endswith("+clicks") else {}),
@@ -139,12 +190,16 @@ def describe(recipe: Recipe, result, accel, store: str, n_eval: int, name: str) 
     }
 
 
-def start_run(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool):
-    """Join the launch's processes, prepare the run folder and the store; returns (state, store).
+def start_run(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool, check=None):
+    """Join the launch's processes, check the run, prepare the store, then create the run folder;
+    returns (state, store, check(store)).
 
-    The main process prepares folder and store first, the others then reuse them. PartialState
-    does not read ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU ranks would not
-    see each other."""
+    Everything is checked before the run folder is created or cleared: the folder itself
+    (--resume, --overwrite), `model.checkpoint`, the store (built from `data.spec` when needed,
+    into its own folder) and `check(store)` (the run's tasks and splits), so a refused run leaves
+    no folder behind. The main process checks and builds first, the others then reuse the store.
+    PartialState does not read ACCELERATE_USE_CPU by itself (Accelerator does): without it, CPU
+    ranks would not see each other."""
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
@@ -153,11 +208,17 @@ def start_run(recipe: Recipe, out_dir: Path, resume: bool, overwrite: bool):
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     with state.main_process_first():
         if state.is_main_process:
-            open_run_dir(out_dir, resume, overwrite)
+            check_run_dir(out_dir, resume, overwrite)
+            check_store_place(recipe, out_dir, resume)
+            check_checkpoint(recipe)
         store = prepare_store(recipe, out_dir)
-    if state.is_main_process and not resume:
-        write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
-    return state, store
+    checked = check(store) if check is not None else None
+    if state.is_main_process:
+        open_run_dir(out_dir, resume, overwrite)
+        if not resume:
+            write_text(out_dir / RUN_JSON, json.dumps({"recipe": to_dict(recipe)}, indent=2))
+    state.wait_for_everyone()
+    return state, store, checked
 
 
 def store_modalities(store: str, split: str) -> list[str]:
@@ -194,18 +255,25 @@ def run_recipe(
     out_dir = Path(out_dir or recipe.out_dir)
     d = recipe.data
     fresh = not (out_dir.is_dir() and any(out_dir.iterdir())) or (overwrite and not resume)
+
+    def check(store: str):  # before the run folder is created: tasks and splits exist
+        check_tasks(recipe, store, d.tasks)
+        eval_items = ev.eval_items(store, recipe.eval, d.tasks)
+        validate = validation(recipe, store, d.tasks)
+        return eval_items, validate, d.tasks or store_tasks(store, d.train_split)
+
+    opened = False  # a run refused before it opened its folder changed nothing
     try:
-        state, store = start_run(recipe, out_dir, resume, overwrite)
-        # fail before training, not after it, when a split is missing
-        eval_items = ev.eval_items(store, recipe.eval, recipe.data.tasks)
-        validate = validation(recipe, store, recipe.data.tasks)
-        tasks = recipe.data.tasks or store_tasks(store, d.train_split)
+        state, store, (eval_items, validate, tasks) = start_run(
+            recipe, out_dir, resume, overwrite, check
+        )
+        opened = True
         model = assemble.from_recipe(recipe, tasks)
         model, result, accel = train(
             recipe, model, store, out_dir, resume=resume, validate=validate, progress=progress
         )
     except Exception:
-        if fresh:
+        if fresh and opened:
             remove_unstarted(out_dir)
         raise
     sup = model_supports(model, store, d.train_split, d.tasks, recipe.eval.supports)
@@ -219,9 +287,10 @@ def run_recipe(
     accel.end_training()
     if not accel.is_main_process:
         return {}
-    o = summary["overall"]
+    o, splits = summary["overall"], (recipe.eval.split, d.train_split)
     print(
-        f"[samed2] held-out Dice {o['dice']:.3f} vs box baseline {o['box_dice']:.3f} "
+        f"[samed2] {report.held_out_label('Dice', splits)} {o['dice']:.3f} vs box baseline "
+        f"{o['box_dice']:.3f} "
         f"({report.gain_text(o)}, 95% CI by case); NSD {o['nsd']:.3f}; HD95 {o['hd95']:.2f} mm; "
         f"n={o['n']} of {o['cases']} cases\n"
         f"[samed2] run folder: {out_dir}  (report: {out_dir / 'report.md'})"
@@ -238,6 +307,7 @@ def write_outputs(out_dir: Path, model, recipe, summary, info, result, evaluated
     from samed2_kit.utils.atomic import atomic_path, write_text
 
     items, rows, preds = evaluated
+    splits = (recipe.eval.split, recipe.data.train_split)  # "held-out" only when they differ
     log = read_log(out_dir) or [
         {"step": h.step, "loss": h.loss} for h in result.history
     ]  # fmt: skip
@@ -250,7 +320,7 @@ def write_outputs(out_dir: Path, model, recipe, summary, info, result, evaluated
                "validation": [e for e in log if "val" in e], "recipe": to_dict(recipe)}  # fmt: skip
     write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     plots = {"training_curve.png": lambda p: report.plot_curve(log, p),
-             "overlays.png": lambda p: report.plot_overlays(items, rows, preds, p)}  # fmt: skip
+             "overlays.png": lambda p: report.plot_overlays(items, rows, preds, p, splits=splits)}  # fmt: skip
     if metrics["validation"]:
         plots["val_dice.png"] = lambda p: report.plot_validation(metrics["validation"], p)
     if "click_dice" in summary["overall"]:
@@ -259,5 +329,5 @@ def write_outputs(out_dir: Path, model, recipe, summary, info, result, evaluated
         with atomic_path(out_dir / name) as tmp:
             draw(tmp)
     curve = "click_curve.png" if "click_curve.png" in plots else None
-    text = report.markdown(summary, info, curve, metrics["validation"])
+    text = report.markdown(summary, info, curve, metrics["validation"], splits)
     write_text(out_dir / "report.md", text)

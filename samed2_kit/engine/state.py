@@ -176,23 +176,40 @@ def _json_default(v):
     raise TypeError(f"cannot store {type(v).__name__} in a checkpoint's state.json")
 
 
-def read_state(folder: Path) -> dict:
-    """state.json of a checkpoint, with every listed file's sha256 verified."""
-    path = folder / STATE
-    fix = (
+def _fix(folder: Path) -> str:
+    return (
         f"delete {folder} to resume from the checkpoint before it, or start the run again "
         "without --resume"
     )
+
+
+def _tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; a damaged one is a ValueError naming it and the fix."""
+    from samed2_kit.model.build import read_safetensors
+
+    return read_safetensors(folder / name, _fix(folder), "checkpoint file ")[0]
+
+
+def read_state(folder: Path) -> dict:
+    """state.json of a checkpoint, with every listed file's sha256 verified."""
+    path = folder / STATE
+    fix = _fix(folder)
     try:
         state = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint {path} is missing or corrupt ({e}): {fix}") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} is not a JSON object: {fix}")
     if state.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path}: format_version {state.get('format_version')!r}, this samed2-kit reads "
             f"{FORMAT_VERSION}: {fix}"
         )
-    for name, digest in state.get("files", {}).items():
+    missing = [k for k in ("step", "consumed", "scheduler", "optimizer", "rng", "meta", "files")
+               if k not in state]  # fmt: skip
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}: {fix}")
+    for name, digest in state["files"].items():
         f = folder / name
         if not f.is_file() or sha256_file(f) != digest:
             raise ValueError(f"checkpoint file {f} is missing or corrupt (sha256 mismatch): {fix}")
@@ -203,10 +220,8 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int =
     """Restore model (trainable part), optimizer, scheduler and this rank's RNG from `folder`;
     returns the position. The caller checks `read_state(folder)["meta"]` before calling this;
     files of `extra_state` (the memory bank) are read by `assemble.load_state`."""
-    from safetensors.torch import load_file
-
     state = read_state(folder)
-    weights = load_file(str(folder / "weights.safetensors"))
+    weights = _tensors(folder, "weights.safetensors")
     expected = set(trainable_state(model))
     if set(weights) != expected:
         missing, unknown = sorted(expected - set(weights)), sorted(set(weights) - expected)
@@ -222,12 +237,12 @@ def load(folder: Path, model: torch.nn.Module, optimizer, scheduler, rank: int =
                 raise ValueError(f"checkpoint {folder}: {k} has shape {tuple(v.shape)}, model "
                                  f"{tuple(own[k].shape)}: resume with the run's recipe")  # fmt: skip
             own[k].copy_(v)
-    opt_tensors = load_file(str(folder / "optimizer.safetensors"))
+    opt_tensors = _tensors(folder, "optimizer.safetensors")
     optimizer.load_state_dict(unflatten_optimizer(opt_tensors, state["optimizer"]))
     scheduler.load_state_dict(
         {**state["scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)}
     )
-    rng = load_file(str(folder / "rng.safetensors"))
+    rng = _tensors(folder, "rng.safetensors")
     ranks = len(state["rng"])
     if rank >= ranks:
         raise ValueError(

@@ -16,13 +16,15 @@ partition), excluding the query's own case when asked; the k best, best first.
 
 Storage grows by doubling, so 100k entries cost one matrix product per read. Files: one
 safetensors file whose header holds the JSON (schema version, model, shapes, partitions, per-entry
-metadata); written atomically; loaded without pickle, all or nothing.
+metadata, the sha256 of the entries: `digest()`); written atomically; loaded without pickle, all
+or nothing: a damaged file (digest differs) or non-finite keys, features or confidences are refused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +46,12 @@ class Entry:
     task: str = ""
     case_id: str = ""
     step: int = 0
+
+
+def _finite(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x).all())
+    return math.isfinite(float(x))
 
 
 def case_code(case_id: str) -> int:
@@ -122,7 +130,10 @@ class ConfidenceMemory:
     # -- write ---------------------------------------------------------------------------------
     def add(self, e: Entry) -> str:
         """Apply the write policy to one candidate; returns "inserted", "replaced", "dropped"
-        (kept: a replaced entry) or "below threshold"."""
+        (kept: a replaced entry), "below threshold" or "not finite" (NaN/inf in its confidence,
+        key or features: never written, a saved bank holding them is refused)."""
+        if not (_finite(e.confidence) and _finite(e.key) and _finite(e.features)):
+            return "not finite"
         if e.confidence < self.cfg.threshold:
             return "below threshold"
         self._check(e)
@@ -238,7 +249,8 @@ class ConfidenceMemory:
         from samed2_kit.utils.atomic import atomic_path
 
         header = {"schema_version": SCHEMA_VERSION, "model": self.model, "config": asdict(self.cfg),
-                  "partitions": self.partitions, "entries": self.meta}  # fmt: skip
+                  "partitions": self.partitions, "entries": self.meta,
+                  "digest": self.digest()}  # fmt: skip
         tensors = self._tensors() or {"keys": torch.zeros(0, 1)}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={"samed2_memory": json.dumps(header)})
@@ -283,6 +295,7 @@ class ConfidenceMemory:
             for name, t in tensors.items():
                 setattr(bank, name, t.clone())
         bank.n, bank.partitions, bank.meta = n, list(header["partitions"]), list(header["entries"])
+        _check_contents(bank, header.get("digest"), path)
         bank._recount()
         for row in bank.table():
             if row["entries"] > row["capacity"]:
@@ -292,3 +305,18 @@ class ConfidenceMemory:
                     f"memory.capacities.{row['partition']}) or `samed2 memory prune` the bank"
                 )
         return bank
+
+
+def _check_contents(bank: ConfidenceMemory, digest: str | None, path: Path) -> None:
+    """A loaded bank's entries against the digest its header records (banks saved before digests
+    were recorded have none), and its float tensors for NaN/inf; ValueError naming the file."""
+    fix = "restore it from a checkpoint, or delete it to start with an empty bank"
+    if digest is not None and bank.digest() != digest:
+        raise ValueError(f"memory bank {path} is damaged: its entries do not match the sha256 in "
+                         f"its header: {fix}")  # fmt: skip
+    for name in ("keys", "features", "conf"):
+        t = getattr(bank, name)
+        if t is not None and t.numel() and not bool(torch.isfinite(t.float()).all()):
+            bad = int((~torch.isfinite(t.float())).reshape(len(t), -1).any(1).sum())
+            raise ValueError(f"memory bank {path}: {name} of {bad} entries hold NaN or inf "
+                             f"(a diverged run wrote them): {fix}")  # fmt: skip

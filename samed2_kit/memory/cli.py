@@ -141,6 +141,24 @@ def _in_checkpoint(path: Path) -> bool:
         return False
 
 
+def _record_digest(path: Path) -> None:
+    """When the run folder's model.json records the sha256 of `path` (`files`), record the new
+    one, so that the folder still loads after the bank was pruned in place."""
+    import json
+
+    from samed2_kit.utils.atomic import sha256_file, write_text
+
+    manifest = path.parent / "model.json"
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(files, dict) and path.name in files:
+        files[path.name] = sha256_file(path)
+        write_text(manifest, json.dumps(meta, indent=2, default=str))
+
+
 def cmd_prune(args) -> int:
     from samed2_kit.memory.module import MEMORY_FILE
 
@@ -180,6 +198,7 @@ def cmd_prune(args) -> int:
         raise ValueError(f"memory bank {path}: after pruning, partitions over capacity ({worst}); "
                          "nothing written: add --keep N with N <= the capacity")  # fmt: skip
     bank.save(out)
+    _record_digest(out)
     print("| partition | before | after |\n| --- | ---: | ---: |")
     for row in bank.table():
         print(f"| {row['partition']} | {before.get(row['partition'], 0)} | {row['entries']} |")

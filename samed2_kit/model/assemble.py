@@ -125,8 +125,8 @@ def save(model, folder: str | Path, extra: dict | None = None) -> Path:
         )
     if has_adapters(model):
         save_adapters(model, folder)
-    save_state(model, folder)
-    meta["files"] = {WEIGHTS: sha256_file(folder / WEIGHTS)}
+    names = save_state(model, folder)  # the memory bank, source kinds' state files
+    meta["files"] = {name: sha256_file(folder / name) for name in [WEIGHTS, *names]}
     write_text(folder / MANIFEST, json.dumps(meta, indent=2, default=str))
     return folder
 
@@ -167,12 +167,19 @@ def read_manifest(folder: Path) -> dict:
         )
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): re-save the model") from e
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable or not valid JSON ({e}): re-copy the run "
+                         "folder or save the model again") from e  # fmt: skip
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} is not a JSON object: re-copy the run folder or save the "
+                         "model again")  # fmt: skip
     version = meta.get("format_version", 1)
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} has format {version}; this samed2-kit reads up to "
                          f"{FORMAT_VERSION}: upgrade samed2-kit")  # fmt: skip
+    if version == FORMAT_VERSION and "spec" not in meta:
+        raise ValueError(f"{path} has no `spec` (variant, image size): re-copy the run folder "
+                         "or save the model again")  # fmt: skip
     return meta if version == FORMAT_VERSION else _from_v1(meta, folder, path)
 
 
@@ -195,7 +202,7 @@ def _from_v1(meta: dict, folder: Path, path: Path) -> dict:
 
 def load(folder_or_file: str | Path, device: str | torch.device | None = None):
     """Rebuild a model written by `save` (a folder or its model.safetensors)."""
-    from samed2_kit.model.build import build_model
+    from samed2_kit.model.build import build_model, verify_run_file
 
     path = Path(folder_or_file)
     if not path.exists():
@@ -204,14 +211,9 @@ def load(folder_or_file: str | Path, device: str | torch.device | None = None):
         )
     folder = path if path.is_dir() else path.parent
     meta = read_manifest(folder)
-    digest = (meta.get("files") or {}).get(WEIGHTS)
-    if (
-        digest is not None
-        and (folder / WEIGHTS).is_file()
-        and sha256_file(folder / WEIGHTS) != digest
-    ):
-        raise ValueError(f"{folder / WEIGHTS} does not match {folder / MANIFEST} (sha256 "
-                         "differs): the file is damaged or was replaced; save the model again")  # fmt: skip
+    for name in meta.get("files") or {}:  # the weights: checked by build_model as it reads them
+        if name != WEIGHTS and (folder / name).is_file():
+            verify_run_file(folder / name)
     spec = ModelSpec.from_dict(meta["spec"], str(folder / MANIFEST))
     model = build_model(spec.variant, folder / WEIGHTS, spec.image_size, device, strict=True,
                         clip_len=spec.clip_len)  # fmt: skip

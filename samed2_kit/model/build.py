@@ -133,28 +133,144 @@ def build_model(
     return SAMed2Model(sam, spec, load_report=report).to(device or "cpu")
 
 
+RUN_WEIGHTS, RUN_MANIFEST = "model.safetensors", "model.json"  # `assemble.WEIGHTS`, `MANIFEST`
+CHECKPOINT_FIX = (
+    "pass a SAM 2 .pt (Meta's or MedSAM2's), a .safetensors file or a run folder written by "
+    "`samed2 train`"
+)
+
+
+def read_safetensors(
+    path: str | Path, fix: str = "re-copy it or retrain", what: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a safetensors file, nothing unpickled. A truncated or
+    damaged file is a ValueError naming `what` + the file and the `fix` (never a bare
+    SafetensorError); a missing one a FileNotFoundError."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}{path} does not exist: {fix}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{what}{path} is truncated or not a safetensors file ({e}): {fix}") from e
+    return tensors, meta
+
+
+def verify_run_file(path: str | Path, required: bool = False) -> None:
+    """Check a file of a saved run folder against the sha256 its `model.json` records
+    (`files: {name: sha256}`): a mismatch is a ValueError naming both files and the fix. A file
+    the manifest does not list loads unchecked; with `required`, a warning says so. A file beside
+    no model.json (a plain checkpoint) is not checked."""
+    import json
+
+    from samed2_kit.utils.atomic import sha256_file
+
+    path = Path(path)
+    manifest = path.parent / RUN_MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{manifest} is unreadable or not valid JSON ({e}): re-copy the run "
+                         "folder or retrain") from e  # fmt: skip
+    digest = (meta.get("files") or {}).get(path.name) if isinstance(meta, dict) else None
+    if digest is None:
+        if required:
+            log.warning("%s records no sha256 of %s: it loads unverified (save the model again "
+                        "to record one)", manifest, path.name)  # fmt: skip
+        return
+    if sha256_file(path) != digest:
+        raise ValueError(f"{path} does not match {manifest} (sha256 differs): the file is "
+                         "damaged or was replaced; re-copy the run folder or retrain")  # fmt: skip
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file a checkpoint path names: the file, or a run folder's model.safetensors."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / RUN_WEIGHTS).is_file():
+            return path / RUN_WEIGHTS
+        raise FileNotFoundError(
+            f"checkpoint {path} is a folder without {RUN_WEIGHTS}: {CHECKPOINT_FIX}"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: {CHECKPOINT_FIX}")
+    return path
+
+
+def torch_file_kind(path: Path) -> str | None:
+    """The kind of torch file from its first bytes: "zip" (torch.save's format), "pickle" (its
+    legacy format) or None (neither: not a torch file at all)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == b"PK\x03\x04":
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return None
+
+
+def _not_torch(path: Path) -> ValueError:
+    return ValueError(
+        f"checkpoint {path} is not a PyTorch checkpoint (random/corrupt bytes: neither a zip "
+        f"archive nor a pickle): re-download or re-copy it, or {CHECKPOINT_FIX}"
+    )
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """Quick checks of a checkpoint before a run starts (no tensors read): it exists and is a
+    safetensors file whose header parses, or a torch file (zip or pickle); a run folder's
+    model.safetensors for a folder. Returns the file; errors as `read_state_dict`'s."""
+    from safetensors import SafetensorError, safe_open
+
+    path = checkpoint_file(path)
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        elif torch_file_kind(path) is None:
+            raise _not_torch(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint {path} is truncated or not a safetensors file ({e}): "
+                         f"re-copy it, or {CHECKPOINT_FIX}") from e  # fmt: skip
+    return path
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read weights without executing code: safetensors, or a torch pickle with weights_only=True.
 
-    Accepts `{"model": state_dict}` (Meta, MedSAM2), `{"state_dict": ...}` or a bare state dict.
+    Accepts `{"model": state_dict}` (Meta, MedSAM2), `{"state_dict": ...}` or a bare state dict,
+    and a run folder (its model.safetensors, checked against the sha256 in its model.json).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    path = checkpoint_file(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        verify_run_file(path, required=path.name == RUN_WEIGHTS)
+        return read_safetensors(path, f"re-copy it, or {CHECKPOINT_FIX}", "checkpoint ")[0]
+    try:
+        kind = torch_file_kind(path)
+    except OSError as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({e}): {CHECKPOINT_FIX}") from e
+    if kind is None:
+        raise _not_torch(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except pickle.UnpicklingError as e:  # a real pickle the safe unpickler refuses
         raise ValueError(
             f"checkpoint {path} needs arbitrary code execution to unpickle (it holds more than "
             "tensors), so it was not loaded. If you trust its author, re-save only the weights: "
             "torch.save({'model': state_dict}, 'clean.pt'), or convert to safetensors."
         ) from e
-    except Exception as e:  # zip/pickle framing errors: not a torch file at all
-        raise ValueError(f"checkpoint {path} is not a readable torch file ({e})") from e
+    except Exception as e:  # zip/pickle framing errors: a damaged torch file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"checkpoint {path} is a truncated or corrupt torch file ({first}): re-download or "
+            "re-copy it"
+        ) from e
     if isinstance(obj, dict):
         for key in ("model", "state_dict"):
             if key in obj and isinstance(obj[key], dict):

@@ -30,7 +30,8 @@ written in eval; no extra warm-up sampling after clustering; K_w is clamped, not
 used consistently for the class choice; classes come from labels, not unsupervised clusters;
 DS-GIM works at any size, treats every batch element alike, and is a zero-initialised residual.
 
-Files: one safetensors file (the state dict) with a JSON header (schema, config, classes, model).
+Files: one safetensors file (the state dict) with a JSON header (schema, config, classes, model,
+the sha256 of the tensors); a damaged file or NaN/inf in its tensors is refused on load.
 """
 
 from __future__ import annotations
@@ -371,6 +372,7 @@ class SimilarityPrior(nn.Module):
                   "class_names": self.class_names, "model_id": self.model_id,
                   "embed_dim": self.embed_dim}  # fmt: skip
         tensors = {n: t.detach().cpu().contiguous() for n, t in self.state_dict().items()}
+        header["digest"] = _tensors_digest(tensors)
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
         return Path(path)
@@ -408,6 +410,7 @@ class SimilarityPrior(nn.Module):
                 f"the prior at {path} was built for {_describe(*built)}; this model is "
                 f"{_describe(*this)}: load it into that model, or train a new prior"
             )
+        _check_tensors(tensors, header.get("digest"), path)
         cfg = from_dict(SimilarityPriorConfig, header["config"], _KEY, str(path))
         prior = cls(cfg, embed_dim, model_id)
         if header.get("class_names") != prior.class_names:
@@ -423,6 +426,32 @@ class SimilarityPrior(nn.Module):
                 "restore it from a checkpoint or train a new prior"
             ) from e
         return prior
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of a prior's tensors (names, dtypes, shapes, bytes; sorted by name)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], digest: str | None, path: Path) -> None:
+    """A prior file's tensors against the digest its header records (files saved before digests
+    were recorded have none), and for NaN/inf (`prev_loss` starts as NaN: not checked)."""
+    fix = "restore it from a checkpoint or train a new prior"
+    if digest is not None and _tensors_digest(tensors) != digest:
+        raise ValueError(f"the prior at {path} is damaged: its tensors do not match the sha256 in "
+                         f"its header: {fix}")  # fmt: skip
+    bad = [n for n, t in sorted(tensors.items())
+           if n != "prev_loss" and t.is_floating_point() and not bool(torch.isfinite(t).all())]  # fmt: skip
+    if bad:
+        raise ValueError(f"the prior at {path}: {', '.join(bad)} hold NaN or inf (a diverged run "
+                         f"wrote them): {fix}")  # fmt: skip
 
 
 def _build(cfg: SimilarityPriorConfig, model, tasks: list[str] | None) -> SimilarityPrior:

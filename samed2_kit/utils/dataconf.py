@@ -147,11 +147,22 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value (e.g. train.steps=100)")
         key, raw = item.split("=", 1)
-        node = data
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"override {item!r}: {key.strip()!r} is not a key (e.g. train.steps)")
+        node = data
         for p in parts[:-1]:
-            node = node.setdefault(p, {})
+            if node.get(p) is None:  # absent, or a section left empty (`memory:`)
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: '{p}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(
+                f"override {item!r}: the value {raw!r} is not valid YAML ({problem}): quote it, "
+                f"e.g. {key.strip()}='\"{raw}\"', or fix the brackets"
+            ) from e
     return data
