@@ -29,12 +29,13 @@ HC18 = REPO / "samed2_kit" / "sample_data" / "hc18"
 @dataclass
 class Workspace:
     """A fresh folder per case with a trained-shaped run folder (`run`), a 64x48 grey PNG
-    (`image`) and a good prompts file (`prompts`)."""
+    (`image`), a good prompts file (`prompts`) and a built store outside it (`store`: HC18)."""
 
     root: Path
     run: Path
     image: Path
     prompts: Path
+    store: Path
 
     def file(self, name: str, data: str | bytes | dict | list) -> str:
         path = self.root / name
@@ -240,6 +241,110 @@ def _fov_missing(w):
     return _build(w, spec), ["field-of-view mask", "1.png", "fov"]
 
 
+# --- samed2 train / eval / memory: recipes, run folders, weights, banks --------------------------
+
+RECIPE = """model: {{variant: test-tiny, image_size: 256}}
+data: {{store: {store}, tasks: [fetal_head]}}
+train: {{steps: 1, batch_size: 2}}
+"""
+
+
+def _train(w: Workspace, *overrides: str, recipe: str | None = None) -> list[str]:
+    path = recipe or w.file("recipe.yaml", RECIPE.format(store=w.store))
+    return ["train", path, "--out", str(w.root / "new_run"), *overrides]
+
+
+TRAIN_CASES = {
+    "override-without-equals": (("train.steps", "5"), ["train.steps", "is not key=value"]),
+    "negative-lr": (("train.lr=-0.001",), ["train.lr=-0.001", "must be > 0"]),
+    "override-not-yaml": (("train.steps=[1,",), ["'[1,' is not valid YAML"]),
+    "variant": (("model.variant=huge",), ["model.variant", "huge"]),
+    "image-size": (("model.image_size=300",), ["image_size", "300"]),
+    "unknown-task": (("data.tasks=[nope]",), ["data.tasks", "nope"]),
+    "eval-split": (("eval.split=nosplit",), ["no split 'nosplit'"]),
+    "missing-checkpoint": (("model.checkpoint=missing.pt",), ["model.checkpoint", "missing.pt"]),
+}
+
+
+def _train_case(overrides, message):
+    return lambda w: (_train(w, *overrides), message)
+
+
+for _name, (_over, _message) in TRAIN_CASES.items():
+    case(f"train/{_name}")(_train_case(_over, _message))
+
+
+@case("train/recipe-is-a-folder")
+def _recipe_folder(w):
+    (w.root / "recipes").mkdir()
+    return _train(w, recipe=str(w.root / "recipes")), ["recipes", "is a folder"]
+
+
+@case("train/recipe-is-a-list")
+def _recipe_list(w):
+    return _train(w, recipe=w.file("list.yaml", "- a\n")), ["list.yaml", "a list, not a mapping"]
+
+
+@case("train/recipe-binary")
+def _recipe_binary(w):
+    return _train(w, recipe=w.file("bin.yaml", b"\xff\xfe\x00")), ["bin.yaml", "read as text"]
+
+
+@case("train/checkpoint-random-bytes")
+def _random_pt(w):
+    pt = w.file("rand.pt", np.random.default_rng(0).bytes(4096))
+    return _train(w, f"model.checkpoint={pt}"), ["rand.pt", "not a PyTorch checkpoint"]
+
+
+@case("train/checkpoint-truncated-run")
+def _truncated_checkpoint(w):
+    _truncate(w.run / "model.safetensors")
+    return _train(w, f"model.checkpoint={w.run}"), ["model.safetensors", "model.checkpoint"]
+
+
+@case("train/store-inside-the-run")
+def _store_inside(w):
+    return _train(w, f"data.store={w.root / 'new_run' / 'store'}"), ["inside the run folder"]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@case("eval/truncated-weights")
+def _eval_truncated(w):
+    _truncate(w.run / "model.safetensors")
+    return ["eval", str(w.run), str(w.store)], ["model.safetensors", "sha256"]
+
+
+@case("eval/garbled-header-no-digest")
+def _eval_garbled(w):
+    meta = json.loads((w.run / "model.json").read_text())
+    meta.pop("files", None)
+    (w.run / "model.json").write_text(json.dumps(meta))
+    data = bytearray((w.run / "model.safetensors").read_bytes())
+    data[8:40] = b"x" * 32
+    (w.run / "model.safetensors").write_bytes(bytes(data))
+    return ["eval", str(w.run), str(w.store)], ["model.safetensors", "not a safetensors file"]
+
+
+@case("predict/flipped-weight-bytes")
+def _flipped(w):
+    data = bytearray((w.run / "model.safetensors").read_bytes())
+    data[-100:-90] = bytes(10)
+    (w.run / "model.safetensors").write_bytes(bytes(data))
+    argv = ["predict", str(w.run), str(w.image), "--prompts", str(w.prompts)]
+    return argv + ["--out", str(w.root / "out")], ["does not match", "model.json"]
+
+
+@case("predict/model-json-not-json")
+def _bad_model_json(w):
+    (w.run / "model.json").write_text("{not json")
+    argv = ["predict", str(w.run), str(w.image), "--prompts", str(w.prompts)]
+    return argv + ["--out", str(w.root / "out")], ["model.json", "not valid JSON"]
+
+
 # --- the corpus runner ---------------------------------------------------------------------------
 
 
@@ -265,7 +370,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_ends_in_one_clear_error(name, trained_run, tmp_path, capsys):
+def test_bad_input_ends_in_one_clear_error(name, trained_run, hc18_store, tmp_path, capsys):
     make, code = CASES[name]
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -275,7 +380,7 @@ def test_bad_input_ends_in_one_clear_error(name, trained_run, tmp_path, capsys):
     cv2.imwrite(str(image), img)
     prompts = tmp_path / "good.json"
     prompts.write_text(json.dumps({"box": [15, 10, 44, 29]}))
-    argv, message = make(Workspace(tmp_path, run, image, prompts))
+    argv, message = make(Workspace(tmp_path, run, image, prompts, Path(hc18_store)))
     before = _listing(tmp_path)
     rc = main(argv)
     err = capsys.readouterr().err
