@@ -5,13 +5,26 @@ from __future__ import annotations
 import sys
 
 
+def _positive_int(text: str) -> int:
+    """argparse type of --num-proc: a whole number >= 1."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of processes >= 1")
+    return n
+
+
 def cmd_build(args) -> int:
     from samed2_kit.medbank.build import build
     from samed2_kit.medbank.spec import load_spec
     from samed2_kit.medbank.store import info_table
 
     spec, sha = load_spec(args.spec)
-    report = build(spec, args.out, sha)
+    report = build(spec, args.out, sha, num_proc=args.num_proc)
     for path, why in report.skipped:
         print(f"[medbank] skipped {path}: {why}", file=sys.stderr)
     print(
@@ -45,7 +58,16 @@ def add_parser(sub) -> None:
     verbs = m.add_subparsers(dest="verb", required=True)
     b = verbs.add_parser("build", help="build a store from a YAML spec")
     b.add_argument("spec")
-    b.add_argument("--out", required=True, help="store folder (replaced only on success)")
+    b.add_argument(
+        "--out", required=True, help="store folder: new, empty or a store (replaced on success)"
+    )
+    b.add_argument(
+        "--num-proc",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="worker processes reading and encoding cases (the store is the same for every N)",
+    )
     b.set_defaults(func=cmd_build)
     i = verbs.add_parser("info", help="counts by modality / task / split")
     i.add_argument("store")

@@ -14,6 +14,20 @@ assemble clips of T <= 2R+1 adjacent slices.
 
 Images are stored after intensity preprocessing (CT windowed or clipped, MR percentile-clipped,
 2D as is) as 8-bit PNG, grey (H, W) or RGB (H, W, 3); masks as 8-bit PNG 0/255.
+
+`fov` (images/, optional): the field of view of the image, an 8-bit PNG 0/255 of the stored image's
+size (255 inside, where pixels were acquired; 0 outside, e.g. the black corners of an ultrasound
+fan or an endoscope's circle); None when the source gives none. Stores built before the column
+existed lack it: a reader treats a missing column or None as "the whole image".
+
+A case is the split unit: `case_id` = "<source>/<case>", or "<other source>/<case>" for a source
+with `case_from: <other source>` (the two share case ids, so a subject is in one split across both),
+or "<source>/<case>@<split>" for a source with `split_by: slab` (each volume cut into contiguous
+slabs along the slicing axis, one per split; `num_slices` is then the slab's length, `slice_index`
+still z in the volume, and neighbours stay inside the slab).
+
+manifest.json `sources[]`: `cases` (unique case ids stored), `images` (source images or volumes
+stored), `samples`, `skipped` (inputs skipped, with reasons in `skipped` at the top level).
 """
 
 from __future__ import annotations
@@ -24,11 +38,11 @@ SAMPLES_DIR = "samples"
 MANIFEST = "manifest.json"
 
 
-def image_features():
-    """Columns of images/."""
+def image_features(fov: bool = False):
+    """Columns of images/; `fov=True` adds the optional `fov` column (stores built with it)."""
     from datasets import Features, Image, Sequence, Value
 
-    return Features(
+    columns = Features(
         {
             "image": Image(),
             "dataset": Value("string"),
@@ -40,6 +54,9 @@ def image_features():
             "split": Value("string"),
         }
     )
+    if fov:
+        columns["fov"] = Image()  # 0/255, None = the whole image is in the field of view
+    return columns
 
 
 def sample_features():

@@ -19,26 +19,72 @@ def default_store(out_dir: str | Path) -> Path:
 
 def open_store(path: str | Path):
     """(manifest dict, images Dataset, samples Dataset), memory-mapped. ValueError when `path` is
-    not a store or was written with another schema version."""
-    from datasets import load_from_disk
-
+    not a store (or does not exist), was written with another schema version, or has a damaged
+    file (named, with the fix)."""
     from samed2_kit.medbank.schema import SCHEMA_VERSION
 
     path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"{path} is not a medbank store (it does not exist): build one with "
+            f"`samed2 medbank build SPEC --out {path}`"
+        )
     missing = [p for p in (MANIFEST, IMAGES_DIR, SAMPLES_DIR) if not (path / p).exists()]
     if missing:
         raise ValueError(
             f"{path} is not a medbank store (missing {missing}): build one with "
             "`samed2 medbank build SPEC --out DIR`"
         )
-    manifest = json.loads((path / MANIFEST).read_text())
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"store {path}: {path / MANIFEST} is not valid JSON ({e}): the store is corrupt; "
+            f"rebuild it with `samed2 medbank build SPEC --out {path}`"
+        ) from e
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(
             f"store {path}: {MANIFEST} schema_version {version}, this samed2_kit reads "
             f"{SCHEMA_VERSION}; rebuild the store with this version"
         )
-    return manifest, load_from_disk(str(path / IMAGES_DIR)), load_from_disk(str(path / SAMPLES_DIR))
+    return manifest, _load_table(path, IMAGES_DIR), _load_table(path, SAMPLES_DIR)
+
+
+def _load_table(store: Path, name: str):
+    """One table of a store, memory-mapped; ValueError naming the damaged file (a truncated or
+    corrupt Arrow shard, a broken state.json) and the fix."""
+    from datasets import load_from_disk
+
+    folder = store / name
+    try:
+        return load_from_disk(str(folder))
+    except Exception as e:  # pyarrow raises OSError / ArrowInvalid; datasets, JSON errors
+        bad = _damaged_file(folder) or folder
+        raise ValueError(
+            f"store {store}: {bad} is truncated or corrupt ({type(e).__name__}: {e}); rebuild the "
+            f"store with `samed2 medbank build SPEC --out {store}`"
+        ) from e
+
+
+def _damaged_file(folder: Path) -> Path | None:
+    """The first file of a saved table that does not read back, if any is found."""
+    import pyarrow as pa
+
+    for meta in ("state.json", "dataset_info.json"):
+        try:
+            json.loads((folder / meta).read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            return folder / meta
+    for shard in sorted(folder.glob("*.arrow")):
+        try:
+            with pa.memory_map(str(shard)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowException, ValueError):
+            return shard
+    return None
 
 
 def info_table(path: str | Path) -> str:
@@ -47,8 +93,8 @@ def info_table(path: str | Path) -> str:
     cols = samples.select_columns(["modality", "task", "split", "case_id"]).to_pandas()
     splits = sorted(cols["split"].unique())
     lines = [
-        f"store {path}: {manifest['name']}, {len(images)} images, {len(samples)} samples, "
-        f"{cols['case_id'].nunique()} cases, built by {manifest['tool']}",
+        f"store {path}: {manifest.get('name', '?')}, {len(images)} images, {len(samples)} "
+        f"samples, {cols['case_id'].nunique()} cases, built by {manifest.get('tool', '?')}",
         "",
         "| modality | task | " + " | ".join(splits) + " | cases | total |",
         "| --- | --- | " + " | ".join("---" for _ in splits) + " | --- | --- |",
@@ -91,18 +137,29 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
     from datasets import Image
     from tqdm.auto import tqdm
 
-    from samed2_kit.medbank.build import row_digest
+    from samed2_kit.medbank.build import FOV, row_digest
 
     manifest, images, samples = open_store(path)
     res = VerifyResult()
     raw_images = images.cast_column("image", Image(decode=False))
+    if FOV in images.column_names:  # stores built before the column existed lack it
+        raw_images = raw_images.cast_column(FOV, Image(decode=False))
     raw_samples = samples.cast_column("mask", Image(decode=False))
     sizes, sha = [], hashlib.sha256()
     for row in tqdm(raw_images, desc="verify images", disable=not progress):
         sha.update(row_digest(row, "image"))
         head = cv2.imdecode(np.frombuffer(row["image"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
         sizes.append(head.shape[:2] if head is not None else None)
-    if sha.hexdigest() != manifest["content_sha256"][IMAGES_DIR]:
+        view = row.get(FOV)
+        if view is not None:
+            fov = cv2.imdecode(np.frombuffer(view["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
+            if fov is None or head is None or fov.shape[:2] != head.shape[:2]:
+                res.problems.append(
+                    f"image {len(sizes) - 1}: fov size {None if fov is None else fov.shape} != "
+                    f"image {sizes[-1]}"
+                )
+    hashes = manifest.get("content_sha256") or {}
+    if sha.hexdigest() != hashes.get(IMAGES_DIR):
         res.problems.append("images: content hash differs from manifest.json (modified or corrupt)")
     img_split, img_case = images["split"], images["case_id"]
     case_split: dict[str, set] = {}
@@ -118,7 +175,7 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
             res.problems.append(
                 f"sample {i}: mask size {None if mask is None else mask.shape} != image {sizes[r]}"
             )
-        if int((mask > 0).sum()) != row["mask_area"]:
+        if mask is not None and int((mask > 0).sum()) != row["mask_area"]:
             res.problems.append(f"sample {i}: mask_area {row['mask_area']} != mask pixels")
         for n in row["neighbors"]:
             if not 0 <= n < len(sizes) or img_case[n] != row["case_id"]:
@@ -128,7 +185,7 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
         if img_split[r] != row["split"] or img_case[r] != row["case_id"]:
             res.problems.append(f"sample {i}: split/case differ from its image row {r}")
         case_split.setdefault(row["case_id"], set()).add(row["split"])
-    if sha.hexdigest() != manifest["content_sha256"][SAMPLES_DIR]:
+    if sha.hexdigest() != hashes.get(SAMPLES_DIR):
         res.problems.append(
             "samples: content hash differs from manifest.json (modified or corrupt)"
         )
@@ -138,7 +195,9 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
         (r["modality"], r["task"], r["split"])
         for r in samples.select_columns(["modality", "task", "split"])
     )
-    want = {(c["modality"], c["task"], c["split"]): c["samples"] for c in manifest["counts"]}
+    want = {
+        (c["modality"], c["task"], c["split"]): c["samples"] for c in manifest.get("counts") or []
+    }
     if dict(counted) != want:
         res.problems.append(f"counts differ from manifest.json: store {dict(counted)} vs {want}")
     res.checked = {"images": len(images), "samples": len(samples), "cases": len(case_split)}

@@ -1,22 +1,81 @@
 """Write files and folders atomically: to a temporary sibling, renamed into place on success.
 
 A crash or an exception leaves the destination as it was (absent or the previous version), never a
-partial file.
+partial file. Temporaries are hidden siblings named after the writing process,
+`.{name}.tmp-{pid}-{random}` (and `.{name}.old-{pid}` while a folder is swapped): a process killed
+outright (SIGKILL, power loss) cannot remove them, so the next write of the same destination removes
+those whose process is gone (`remove_stale`), and leaves a live concurrent writer's alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (signal 0 checks without signalling)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def remove_stale(dest: str | Path) -> list[Path]:
+    """Remove the temporaries that writers of `dest` left when they were killed.
+
+    Siblings `.{name}.tmp-{pid}-*` and `.{name}.old-{pid}` whose process `pid` no longer runs are
+    removed, except that a stale `.old-{pid}` is renamed back to `dest` when `dest` is missing (the
+    writer died between moving the previous version aside and moving the new one in). Temporaries
+    of a live process, and names without a pid (written by older versions), are left alone.
+
+    Returns the paths removed or restored.
+    """
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(dest.name)}\.(tmp|old)-(\d+)(-.*)?$")
+    done = []
+    for entry in sorted(dest.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if not m or (m.group(1) == "old" and m.group(3)) or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not dest.exists() and not dest.is_symlink():
+            try:
+                entry.rename(dest)  # the previous version, back in place
+            except OSError:
+                continue
+        else:
+            _remove(entry)
+        done.append(entry)
+    return done
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | Path, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `dest`; on success rename it to `dest` (replacing it).
+
+    Stale temporaries of `dest` left by killed writers are removed first (`remove_stale`).
 
     Args:
         dest: the final file (or folder, with `directory=True`).
@@ -24,7 +83,8 @@ def atomic_path(dest: str | Path, directory: bool = False) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{dest.name}.tmp-"
+    remove_stale(dest)
+    prefix = f".{dest.name}.tmp-{os.getpid()}-"
     umask = os.umask(0)
     os.umask(umask)
     if directory:
@@ -37,18 +97,20 @@ def atomic_path(dest: str | Path, directory: bool = False) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600
     try:
         yield tmp
-        if directory and dest.exists():
+        if directory and (dest.exists() or dest.is_symlink()):
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            _remove(old)  # a previous swap by a process that had this pid
             dest.rename(old)
-            tmp.rename(dest)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                tmp.rename(dest)
+            except BaseException:
+                old.rename(dest)  # put the previous version back
+                raise
+            _remove(old)
         else:
             os.replace(tmp, dest)
     except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
 
 
