@@ -93,18 +93,20 @@ def volumes_from_store(store: str, split: str, tasks: list[str] | None = None) -
     from samed2_kit.medbank.store import open_store, spacing_unknown
 
     manifest, images, samples = open_store(store)
-    names = ["split", "task", "case_id", "label", "slice_index", "mask_area"]
+    # keyed by (dataset, case): sources sharing case ids (`case_from`) store their own slices
+    names = ["split", "task", "dataset", "case_id", "label", "slice_index", "mask_area"]
     cols = samples.select_columns(names).to_dict()
-    objects: dict[tuple[str, str], dict[int, tuple[int, int]]] = {}
-    for row, (sp, task, case, label, z, area) in enumerate(zip(*cols.values(), strict=True)):
+    objects: dict[tuple[str, str, str], dict[int, tuple[int, int]]] = {}
+    for row, (sp, task, src, case, label, z, area) in enumerate(zip(*cols.values(), strict=True)):
         if sp == split and (tasks is None or task in tasks):
-            objects.setdefault((case, label), {})[z] = (row, area)
+            objects.setdefault((src, case, label), {})[z] = (row, area)
     if not objects:
         raise ValueError(f"store {store} has no samples in split {split!r} for tasks {tasks}")
-    icols = images.select_columns(["case_id", "slice_index", "num_slices"]).to_dict()
-    slices: dict[str, dict[int, int]] = {}
-    for row, (case, z) in enumerate(zip(icols["case_id"], icols["slice_index"], strict=True)):
-        slices.setdefault(case, {})[z] = row
+    icols = images.select_columns(["dataset", "case_id", "slice_index", "num_slices"]).to_dict()
+    slices: dict[tuple[str, str], dict[int, int]] = {}
+    keys = zip(icols["dataset"], icols["case_id"], icols["slice_index"], strict=True)
+    for row, (src, case, z) in enumerate(keys):
+        slices.setdefault((src, case), {})[z] = row
     if all(n == 1 for n in icols["num_slices"]):
         raise ValueError(
             f"store {store} holds 2D images only, so it has no volumes: use a 2D protocol "
@@ -112,7 +114,8 @@ def volumes_from_store(store: str, split: str, tasks: list[str] | None = None) -
         )
     unknown = spacing_unknown(manifest)
     items = [
-        _item(images, samples, key, rows, slices[key[0]]) for key, rows in sorted(objects.items())
+        _item(images, samples, key[1:], rows, slices[key[:2]])
+        for key, rows in sorted(objects.items())
     ]
     for it in items:
         it.spacing_known = it.case_id not in unknown
