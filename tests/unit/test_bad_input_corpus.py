@@ -241,6 +241,67 @@ def _fov_missing(w):
     return _build(w, spec), ["field-of-view mask", "1.png", "fov"]
 
 
+@case("medbank-build/out-is-a-file")
+def _out_file(w):
+    argv = _build(w, _source())
+    out = w.file("store", "a file the user keeps")
+    return argv[:-1] + [out], ["is a file; give a folder"]
+
+
+@case("medbank-build/out-is-a-user-folder")
+def _out_user_folder(w):
+    argv = _build(w, _source())
+    w.file("store/thesis.tex", "years of work")
+    return argv, ["is a folder with files that is not a medbank store"]
+
+
+@case("medbank-build/case-from-slab")
+def _case_from_slab(w):
+    spec = {"sources": [GOOD_SOURCE, dict(GOOD_SOURCE, name="b", case_from="hc", split_by="slab")]}
+    return _build(w, spec), ["split_by slab"]
+
+
+@case("medbank-build/case-from-later-source")
+def _case_from_later(w):
+    spec = {"sources": [dict(GOOD_SOURCE, case_from="b"), dict(GOOD_SOURCE, name="b")]}
+    return _build(w, spec), ["case_from='b'", "listed before it"]
+
+
+def _copied_store(w: Workspace) -> Path:
+    store = w.root / "store"
+    shutil.copytree(w.store, store)
+    return store
+
+
+@case("medbank-verify/truncated-arrow")
+def _truncated_arrow(w):
+    store = _copied_store(w)
+    arrow = sorted((store / "samples").glob("*.arrow"))[0]
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    return ["medbank", "verify", str(store)], [arrow.name, "rebuild the store"]
+
+
+@case("medbank-info/truncated-arrow")
+def _info_truncated(w):
+    store = _copied_store(w)
+    arrow = sorted((store / "images").glob("*.arrow"))[0]
+    arrow.write_bytes(b"")
+    return ["medbank", "info", str(store)], [arrow.name, "rebuild the store"]
+
+
+@case("medbank-info/not-a-store")
+def _not_a_store(w):
+    w.file("folder/readme.txt", "hello")
+    return ["medbank", "info", str(w.root / "folder")], ["folder", "is not a medbank store"]
+
+
+@case("medbank-info/manifest-not-json")
+def _manifest_broken(w):
+    store = _copied_store(w)
+    (store / "manifest.json").write_text("{")
+    return ["medbank", "info", str(store)], ["manifest.json is not valid JSON"]
+
+
 # --- samed2 train / eval / memory: recipes, run folders, weights, banks --------------------------
 
 RECIPE = """model: {{variant: test-tiny, image_size: 256}}
@@ -343,6 +404,26 @@ def _bad_model_json(w):
     (w.run / "model.json").write_text("{not json")
     argv = ["predict", str(w.run), str(w.image), "--prompts", str(w.prompts)]
     return argv + ["--out", str(w.root / "out")], ["model.json", "not valid JSON"]
+
+
+@case("memory-info/nan-bank")
+def _nan_bank(w):
+    from tests._damage import memory_bank, rewrite_safetensors
+
+    path = w.root / "memory.safetensors"
+    memory_bank(path)
+    rewrite_safetensors(path, "conf", lambda t: t.fill_(float("nan")), lambda h: h.pop("digest"))
+    return ["memory", "info", str(path)], ["memory.safetensors", "NaN or inf"]
+
+
+@case("memory-prune/altered-bank")
+def _altered_bank(w):
+    from tests._damage import memory_bank, rewrite_safetensors
+
+    path = w.root / "memory.safetensors"
+    memory_bank(path)
+    rewrite_safetensors(path, "features", lambda t: t.mul_(2))
+    return ["memory", "prune", str(path), "--keep", "1"], ["memory.safetensors", "sha256"]
 
 
 # --- the corpus runner ---------------------------------------------------------------------------

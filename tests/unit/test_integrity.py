@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from samed2_kit.cli import main
@@ -23,6 +22,8 @@ from samed2_kit.model.assemble import load as load_model
 from samed2_kit.model.assemble import save as save_model
 from samed2_kit.model.build import read_safetensors, read_state_dict
 from samed2_kit.utils.atomic import sha256_file
+from tests._damage import memory_bank as _memory_bank
+from tests._damage import rewrite_safetensors as _rewrite
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = REPO / "samed2_kit" / "sample_data" / "hc18" / "images" / "000_HC.png"
@@ -171,32 +172,6 @@ def test_damaged_training_checkpoint_adapters_and_stage_weights(tmp_path, tiny_m
 
 
 # -- 3: memory banks, the similarity prior -----------------------------------------------------
-def _memory_bank(path):
-    from samed2_kit.memory import ConfidenceMemory, Entry, MemoryConfig
-
-    gen = torch.Generator().manual_seed(0)
-    bank = ConfidenceMemory(MemoryConfig(threshold=0.0), {"variant": "test-tiny", "image_size": 64})
-    for i in range(3):
-        key = torch.nn.functional.normalize(torch.randn(8, generator=gen), dim=0)
-        bank.add(Entry(key, torch.randn(4, 2, 2, generator=gen), 0.9, "ct", "liver", f"c{i}"))
-    bank.save(path)
-    return bank
-
-
-def _rewrite(path, key, change, header_change=None):
-    """Re-save a safetensors file with tensor `key` changed (and its JSON header)."""
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    change(tensors[key])
-    if header_change is not None:
-        name = next(iter(meta))
-        header = json.loads(meta[name])
-        header_change(header)
-        meta = {name: json.dumps(header)}
-    save_file(tensors, str(path), metadata=meta)
-
-
 def test_memory_bank_digest_and_non_finite_entries(tmp_path, capsys):
     from samed2_kit.memory import ConfidenceMemory, Entry
 
