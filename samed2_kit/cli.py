@@ -118,7 +118,9 @@ def cmd_eval(args) -> int:
     rows, _ = ev.evaluate(model, items, cfg, progress=state.is_main_process, supports=sup)
     if state.is_main_process:
         summary = ev.summarize(rows)
-        info = _eval_info(folder, store, cfg, state.num_processes)
+        info = _eval_info(
+            folder, store, cfg, state.num_processes, summary["overall"].get("unit", "mm")
+        )
         written = report.write_eval(out, rows, summary, info)
         print(f"[samed2] eval {cfg.prompt} on {store}, split {cfg.split}: {len(rows)} samples, "
               f"{state.num_processes} process(es)")  # fmt: skip
@@ -131,11 +133,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _eval_info(folder: Path, store: str, cfg, processes: int) -> dict:
-    """Set-up lines of summary.md / summary.json."""
+def _eval_info(folder: Path, store: str, cfg, processes: int, unit: str = "mm") -> dict:
+    """Set-up lines of summary.md / summary.json; `unit` of the distances ("mm", "px", "mm+px")."""
+    from samed2_kit.engine.report import nsd_tolerance_text
+
     tol = f"{cfg.nsd_tolerance_mm} mm" + "".join(
         f", {m}: {t} mm" for m, t in sorted(cfg.nsd_tolerance_by_modality.items())
     )
+    tol = nsd_tolerance_text(tol, unit)
     info = {"name": folder.name, "weights": str(folder), "store": store, "split": cfg.split}
     info["protocol"] = cfg.prompt
     if cfg.prompt.endswith("+clicks"):

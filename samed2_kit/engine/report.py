@@ -185,6 +185,27 @@ def baseline_text(protocol: str, summary: dict) -> str:
     return f"{base} NSD at the stated tolerance, HD95: {where}."
 
 
+def nsd_tolerance_text(text: str, unit: str) -> str:
+    """The NSD tolerance line in the data's unit: `text` as configured ("2.0 mm, ct: 1.0 mm"),
+    `unit` the summary's ("mm", "px", or "mm+px" when only some cases have a pixel size)."""
+    if unit == "px":
+        return text.replace(" mm", " px") + " (the data gave no pixel size: in pixels)"
+    if "px" in unit:
+        return text + " (in pixels for the cases without a pixel size)"
+    return text
+
+
+def _setup_lines(info: dict, summary: dict) -> list[str]:
+    unit = summary["overall"].get("unit", "mm")
+    lines = []
+    for k, v in info.items():
+        if k == "nsd_tolerance_mm":
+            k, v = "nsd_tolerance", nsd_tolerance_text(f"{v} mm", unit)
+        if k != "name":
+            lines.append(f"- {k}: {v}")
+    return lines
+
+
 def markdown(
     summary: dict,
     info: dict,
@@ -199,7 +220,7 @@ def markdown(
     (evaluated, training) split: the headings say "held-out" only when they differ."""
     protocol = info.get("eval_prompt", "box")
     lines = [f"# Run report: {info.get('name', 'run')}", ""]
-    lines += [f"- {k}: {v}" for k, v in info.items() if k != "name"]
+    lines += _setup_lines(info, summary)
     lines += [
         "",
         f"## {_capital(held_out_label('metrics', splits))} (prompt protocol: {protocol})",
@@ -236,7 +257,7 @@ def eval_markdown(summary: dict, info: dict, click_curve: str | None = None) -> 
     per task and per modality, the click curve when given."""
     protocol = info.get("protocol", "box")
     lines = [f"# Evaluation: {info.get('name', 'model')}", ""]
-    lines += [f"- {k}: {v}" for k, v in info.items() if k != "name"]
+    lines += _setup_lines(info, summary)
     lines += [
         "",
         f"Protocol {protocol_text(protocol, info.get('clicks'))}. "

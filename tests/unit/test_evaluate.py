@@ -341,10 +341,14 @@ def test_data_without_a_pixel_size_is_reported_in_pixels(tiny_model, tmp_path_fa
     assert {r.unit for r in px} == {"px"} and {r.unit for r in mm} == {"mm"}
     summary = ev.summarize(px)
     assert summary["overall"]["unit"] == "px"
-    text = report.eval_markdown(summary, {"protocol": "box"})
+    info = {"protocol": "box", "nsd_tolerance": report.nsd_tolerance_text("2.0 mm", "px")}
+    text = report.eval_markdown(summary, info)
     import re
 
     assert "HD95 px" in text and not re.search(r"\bmm\b", text)
+    assert "- nsd_tolerance: 2.0 px (the data gave no pixel size" in text
+    run_text = report.markdown(summary, {"nsd_tolerance_mm": 2.0})  # a run's report
+    assert "- nsd_tolerance: 2.0 px" in run_text and not re.search(r"\bmm\b", run_text)
     assert "HD95 mm" in report.eval_markdown(ev.summarize(mm), {"protocol": "box"})
     mixed = report.metrics_table({"a": summary["overall"], "b": ev.summarize(mm)["overall"]})
     assert mixed[2].endswith(" px |") and mixed[3].endswith(" mm |")
