@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"samed2 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written atomically: nothing half-written remains
+        print(f"samed2 {args.command}: interrupted; no partial output was left", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
