@@ -36,6 +36,7 @@ SCHEMA_VERSION = 1
 IMAGES_DIR = "images"
 SAMPLES_DIR = "samples"
 MANIFEST = "manifest.json"
+FOV = "fov"  # optional column of images/: the field of view (see above)
 
 
 def image_features(fov: bool = False):

@@ -137,7 +137,8 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
     from datasets import Image
     from tqdm.auto import tqdm
 
-    from samed2_kit.medbank.build import FOV, row_digest
+    from samed2_kit.medbank.build import row_digest
+    from samed2_kit.medbank.schema import FOV
 
     manifest, images, samples = open_store(path)
     res = VerifyResult()

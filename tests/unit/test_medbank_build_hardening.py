@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from samed2_kit.cli import main
-from samed2_kit.medbank.build import build, slab_ranges
+from samed2_kit.medbank.build import build
+from samed2_kit.medbank.plan import slab_ranges
 from samed2_kit.medbank.spec import load_spec
 from samed2_kit.medbank.store import open_store, verify
 from samed2_kit.utils.atomic import remove_stale
