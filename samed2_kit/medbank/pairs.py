@@ -13,7 +13,6 @@ The extension is the text from the first dot after the pattern's last placeholde
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import re
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from samed2_kit.medbank.preprocess import canonical_modality
+from samed2_kit.medbank.spacing import read_spacing_csv, spacing_lookup, spacing_pair
 
 _PLACEHOLDER = re.compile(r"\{[^{}]*\}")
 _SEPARATORS = "_-. "  # what joins an image id to the rest of another label's mask name
@@ -68,7 +68,7 @@ class PairSource:
                 )
         canonical_modality(self.intensity)
         if self.spacing is not None:
-            self.spacing = _spacing_pair(self.spacing, "PairSource.spacing")
+            self.spacing = spacing_pair(self.spacing, "PairSource.spacing")
         if self.spacing is not None and self.spacing_csv:
             raise ValueError("PairSource: give spacing or spacing_csv, not both")
 
@@ -99,20 +99,6 @@ class PairScan:
 
     records: list[PairRecord] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _spacing_pair(value, where: str) -> tuple[float, float]:
-    """One pixel size or (row, col), in mm -> (row, col); ValueError naming `where` otherwise."""
-    vals = list(value) if isinstance(value, list | tuple) else [value]
-    ok = len(vals) in (1, 2) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-        for v in vals
-    )
-    if not ok:
-        raise ValueError(
-            f"{where}={value!r}: give the pixel size in mm, one positive number or [row, col]"
-        )
-    return (float(vals[0]), float(vals[-1]))
 
 
 def pattern_extension(pattern: str) -> str:
@@ -171,87 +157,6 @@ def _matched_nothing(what: str, pattern: str, root: Path, files: list[str]) -> V
         f"{what} pattern {pattern!r} matched no file under {start}; {there}. Fix the pattern "
         "({id} stands for the image id; names match case-sensitively except the extension)"
     )
-
-
-def read_spacing_csv(path: str | Path) -> dict[str, float]:
-    """Pixel sizes (mm, isotropic) by image file name, from a CSV such as HC18's
-    ``training_set_pixel_size_and_HC.csv``.
-
-    Format: comma-separated, a header row, then one row per image. The file-name column is the
-    first whose header contains "file", "name" or "image" (any case); the pixel-size column is the
-    first whose header contains "pixel" or "spacing" (e.g. ``filename,pixel size(mm)``), in mm
-    per pixel, the same along rows and columns. Other columns are ignored. Names may carry a
-    folder (only the file name counts).
-
-    Returns:
-        {file name as written (folder dropped): pixel size in mm}.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: no header, no such columns, a value that is not a positive number, or one
-            file name given two different sizes (each naming the CSV and the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"spacing CSV {path} does not exist (spec key spacing_csv)")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [(n, r) for n, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
-    header = [h.strip().lower() for h in rows[0][1]] if rows else []
-    name_col = next(
-        (i for i, h in enumerate(header) if any(w in h for w in ("file", "name", "image"))), None
-    )
-    size_col = next((i for i, h in enumerate(header) if "pixel" in h or "spacing" in h), None)
-    if name_col is None or size_col is None:
-        raise ValueError(
-            f"spacing CSV {path} has header {header}: needs a file-name column (header with "
-            "'file', 'name' or 'image') and a pixel-size column in mm (header with 'pixel' or "
-            "'spacing'), e.g. 'filename,pixel size(mm)'"
-        )
-    out: dict[str, float] = {}
-    for line, r in rows[1:]:
-        if len(r) <= max(name_col, size_col):
-            raise ValueError(f"spacing CSV {path} line {line}: {len(r)} columns, header has more")
-        name = Path(r[name_col].strip().replace("\\", "/")).name
-        try:
-            mm = float(r[size_col])
-        except ValueError:
-            mm = float("nan")
-        if not (math.isfinite(mm) and mm > 0):
-            raise ValueError(
-                f"spacing CSV {path} line {line}: pixel size {r[size_col]!r} of {name!r} is not "
-                "a positive number of mm"
-            )
-        if name in out and out[name] != mm:
-            raise ValueError(
-                f"spacing CSV {path} line {line}: {name!r} has two pixel sizes "
-                f"({out[name]} and {mm}); keep one row per image"
-            )
-        out[name] = mm
-    if not out:
-        raise ValueError(f"spacing CSV {path} has no rows under its header")
-    return out
-
-
-def _spacing_lookup(table: dict[str, float]):
-    """A function image file name -> pixel size (mm) or None: the exact name, the name with the
-    extension in another case, or the name without its extension."""
-    by_key = {}
-    for name, mm in table.items():
-        by_key.setdefault(name, mm)
-        by_key.setdefault(_lower_suffix(name), mm)
-
-    def find(name: str) -> float | None:
-        for key in (name, _lower_suffix(name), Path(name).stem, name.split(".", 1)[0]):
-            if key in by_key:
-                return by_key[key]
-        return None
-
-    return find
-
-
-def _lower_suffix(name: str) -> str:
-    stem, dot, ext = name.rpartition(".")
-    return f"{stem}.{ext.lower()}" if dot and stem else name
 
 
 def _extends_paired_id(mask_id: str, paired: set[str]) -> bool:
@@ -366,7 +271,7 @@ def find_pairs(src: PairSource) -> PairScan:
     spacing_of = None
     if src.spacing_csv:
         csv_path = root / src.spacing_csv
-        spacing_of = _spacing_lookup(read_spacing_csv(csv_path))
+        spacing_of = spacing_lookup(read_spacing_csv(csv_path))
         if not any(spacing_of(Path(actual[images[i]]).name) for i in by_id):
             raise ValueError(
                 f"spacing CSV {csv_path}: no row names any of the {len(by_id)} paired images "
