@@ -127,46 +127,75 @@ class VerifyResult:
         return not self.problems
 
 
+def stream_rows(store: Path, name: str, batch: int = 512):
+    """The rows of table `name` of a store as dicts, read from its Arrow files in record batches
+    (not memory-mapped: memory stays flat however large the store); image cells are
+    {"bytes", "path"}. ValueError naming a file that does not read."""
+    import pyarrow as pa
+
+    folder = Path(store) / name
+    files = json.loads((folder / "state.json").read_text())["_data_files"]
+    for entry in files:
+        path = folder / entry["filename"]
+        try:
+            with pa.OSFile(str(path)) as source:
+                for record in pa.ipc.open_stream(source):
+                    for start in range(0, record.num_rows, batch):
+                        yield from record.slice(start, batch).to_pylist()
+        except (OSError, pa.ArrowException) as e:
+            raise ValueError(
+                f"store {store}: {path} is truncated or corrupt ({e}); rebuild the store with "
+                f"`samed2 medbank build SPEC --out {store}`"
+            ) from e
+
+
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) from a PNG's header (IHDR), without decoding it; None when `data` is no PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    return int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big")
+
+
 def verify(path: str | Path, progress: bool = True) -> VerifyResult:
-    """Every mask matches its image's size, no case in two splits, references valid, content hashes
-    and counts equal to the manifest's."""
+    """Every mask matches its image's size and area, no case in two splits, references valid,
+    content hashes and counts equal to the manifest's. Reads the store once, streamed (memory
+    stays flat); images are checked by their PNG headers, masks decoded."""
     import hashlib
 
     import cv2
     import numpy as np
-    from datasets import Image
     from tqdm.auto import tqdm
 
     from samed2_kit.medbank.build import row_digest
     from samed2_kit.medbank.schema import FOV
 
-    manifest, images, samples = open_store(path)
+    path = Path(path)
+    manifest, images, samples = open_store(path)  # checks the files and the schema version
     res = VerifyResult()
-    raw_images = images.cast_column("image", Image(decode=False))
-    if FOV in images.column_names:  # stores built before the column existed lack it
-        raw_images = raw_images.cast_column(FOV, Image(decode=False))
-    raw_samples = samples.cast_column("mask", Image(decode=False))
-    sizes, sha = [], hashlib.sha256()
-    for row in tqdm(raw_images, desc="verify images", disable=not progress):
+    sizes, img_split, img_case, sha = [], [], [], hashlib.sha256()
+    rows = stream_rows(path, IMAGES_DIR)
+    for row in tqdm(rows, total=len(images), desc="verify images", disable=not progress):
         sha.update(row_digest(row, "image"))
-        head = cv2.imdecode(np.frombuffer(row["image"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
-        sizes.append(head.shape[:2] if head is not None else None)
-        view = row.get(FOV)
-        if view is not None:
-            fov = cv2.imdecode(np.frombuffer(view["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
-            if fov is None or head is None or fov.shape[:2] != head.shape[:2]:
-                res.problems.append(
-                    f"image {len(sizes) - 1}: fov size {None if fov is None else fov.shape} != "
-                    f"image {sizes[-1]}"
-                )
+        sizes.append(png_size(row["image"]["bytes"]))
+        img_split.append(row["split"])
+        img_case.append(row["case_id"])
+        if row.get(FOV) is not None and png_size(row[FOV]["bytes"]) != sizes[-1]:
+            res.problems.append(
+                f"image {len(sizes) - 1}: fov size {png_size(row[FOV]['bytes'])} != image "
+                f"{sizes[-1]}"
+            )
     hashes = manifest.get("content_sha256") or {}
     if sha.hexdigest() != hashes.get(IMAGES_DIR):
         res.problems.append("images: content hash differs from manifest.json (modified or corrupt)")
-    img_split, img_case = images["split"], images["case_id"]
     case_split: dict[str, set] = {}
+    counted: Counter = Counter()
     sha = hashlib.sha256()
-    for i, row in enumerate(tqdm(raw_samples, desc="verify samples", disable=not progress)):
+    rows = stream_rows(path, SAMPLES_DIR)
+    for i, row in enumerate(
+        tqdm(rows, total=len(samples), desc="verify samples", disable=not progress)
+    ):
         sha.update(row_digest(row, "mask"))
+        counted[(row["modality"], row["task"], row["split"])] += 1
         mask = cv2.imdecode(np.frombuffer(row["mask"]["bytes"], np.uint8), cv2.IMREAD_UNCHANGED)
         r = row["image_row"]
         if not 0 <= r < len(sizes):
@@ -192,10 +221,6 @@ def verify(path: str | Path, progress: bool = True) -> VerifyResult:
         )
     leaks = {c: sorted(s) for c, s in case_split.items() if len(s) > 1}
     res.problems += [f"case {c} is in several splits: {s}" for c, s in leaks.items()]
-    counted = Counter(
-        (r["modality"], r["task"], r["split"])
-        for r in samples.select_columns(["modality", "task", "split"])
-    )
     want = {
         (c["modality"], c["task"], c["split"]): c["samples"] for c in manifest.get("counts") or []
     }
