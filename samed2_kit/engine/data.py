@@ -127,7 +127,7 @@ def check_sequences(ds, n: int) -> None:
 
     from samed2_kit.medbank.store import open_store
 
-    images = open_store(ds.store_dir)[1].select_columns(["num_slices"])
+    images = open_store(ds.store_dir)[1].select_columns(["num_slices"]).to_dict()  # Arrow
     num = np.asarray(images["num_slices"])[np.asarray(ds.column("image_row"), dtype=np.int64)]
     if (num <= 1).all():
         raise ValueError(

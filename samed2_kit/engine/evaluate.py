@@ -361,4 +361,4 @@ def eval_items(store: str, cfg: EvalConfig, tasks: list[str] | None = None) -> l
 
     if cfg.prompt in VOLUME_PROTOCOLS:
         return volumes_from_store(store, cfg.split, tasks)
-    return items_from_store(store, cfg.split, tasks)
+    return items_from_store(store, cfg.split, tasks, cfg.max_items)

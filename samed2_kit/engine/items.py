@@ -46,24 +46,36 @@ def fov_array(cell) -> np.ndarray | None:
     return arr if arr.dtype == bool else arr > 127
 
 
-def items_from_store(store: str, split: str, tasks: list[str] | None = None) -> list[EvalItem]:
-    """From a medbank store split: images are stored preprocessed (8-bit), masks 0/255."""
+def items_from_store(
+    store: str, split: str, tasks: list[str] | None = None, max_items: int | None = None
+) -> list[EvalItem]:
+    """From a medbank store split: images are stored preprocessed (8-bit), masks 0/255; at most
+    `max_items` per task (the first, in store order), so a large store costs only what is used."""
     from samed2_kit.medbank.store import open_store, spacing_unknown
 
     manifest, images, samples = open_store(store)
     fovs = images.select_columns(["fov"]) if "fov" in images.column_names else None
     images = images.select_columns(["image"])  # decoding a row decodes only its image
     unknown = spacing_unknown(manifest)
-    cols = samples.select_columns(["split", "task", "mask_area"])
+    cols = samples.select_columns(["split", "task", "mask_area"]).to_dict()  # columns, not rows
     rows = [
-        i for i, r in enumerate(cols)
-        if r["split"] == split and r["mask_area"] > 0 and (tasks is None or r["task"] in tasks)
+        i for i, (sp, task, area) in enumerate(zip(*cols.values(), strict=True))
+        if sp == split and area > 0 and (tasks is None or task in tasks)
     ]  # fmt: skip
     if not rows:
         raise ValueError(_no_items_message(store, split, tasks, cols))
-    meta = samples.select(rows).select_columns(
-        ["image_row", "case_id", "task", "label", "slice_index", "spacing", "modality", "neighbors"]
-    )
+    if max_items is not None:  # the first of each task, as `rows.limit_per_task` keeps
+        seen: dict[str, int] = {}
+        kept = []
+        for r in rows:
+            seen[cols["task"][r]] = seen.get(cols["task"][r], 0) + 1
+            if seen[cols["task"][r]] <= max_items:
+                kept.append(r)
+        rows = kept
+    names = ["image_row", "case_id", "task", "label", "slice_index", "spacing", "modality",
+             "neighbors"]  # fmt: skip
+    table = samples.select(rows).select_columns(names).to_dict()
+    meta = [dict(zip(names, values, strict=True)) for values in zip(*table.values(), strict=True)]
 
     def loader(sample_row: int, image_row: int):
         def load():

@@ -234,7 +234,7 @@ def store_tasks(store: str, split: str) -> list[str]:
     from samed2_kit.medbank.store import open_store
 
     _, _, samples = open_store(store)
-    cols = samples.select_columns(["split", "task"])
+    cols = samples.select_columns(["split", "task"]).to_dict()  # columns, not rows
     return sorted({t for s, t in zip(cols["split"], cols["task"], strict=True) if s == split})
 
 

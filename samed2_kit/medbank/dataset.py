@@ -182,7 +182,7 @@ class StoreDataset(torch.utils.data.Dataset):
 
     def column(self, name: str) -> list:
         """Column `name` of this dataset's samples, in item order (nothing is decoded)."""
-        return self._samples.select_columns([name]).select(self.rows)[name]
+        return self._samples.select_columns([name]).select(self.rows).to_dict()[name]  # Arrow
 
     def __len__(self) -> int:
         return len(self.rows)
