@@ -7,6 +7,7 @@ samed2 predict RUN_DIR INPUT [--prompts P.json] [--out PATH] [--format F] [--sup
                [--series-uid UID]
 samed2 medbank build|info|verify ...
 samed2 memory info|prune|export BANK ...
+samed2 export RUN_DIR --out DIR [--format onnx] [--image-size S] [--opset N] [--overwrite]
 samed2 info
 """
 
@@ -175,6 +176,23 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from samed2_kit.deploy.export import check_opset, export_onnx
+    from samed2_kit.model.build import check_image_size
+
+    check_opset(args.opset, "--opset")  # errors that name the options
+    if args.image_size is not None:
+        check_image_size(args.image_size, "--image-size")
+    try:
+        out = export_onnx(args.run, args.out, args.image_size, args.opset, args.overwrite,
+                          propagation=True)  # fmt: skip
+    except ImportError as e:  # onnx missing: the message names the extra to install
+        print(f"samed2 export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[samed2] exported {args.run} to {out} (see {out}/manifest.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="samed2", description="Fine-tune SAM 2 for medical images.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -236,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--series-uid", metavar="UID",
                     help="the SeriesInstanceUID to read from a DICOM folder holding several")  # fmt: skip
     pr.set_defaults(func=cmd_predict)
+
+    from samed2_kit.deploy.contract import DEFAULT_OPSET, FORMATS, OPSETS
+
+    x = sub.add_parser("export", help="export a run folder as ONNX graphs (+ manifest.json)")
+    x.add_argument("run", help="run folder (model.safetensors + model.json)")
+    x.add_argument("--out", required=True, help="export folder (written atomically)")
+    x.add_argument("--format", default="onnx", choices=FORMATS, help="the graph format (onnx)")
+    x.add_argument("--image-size", type=int, metavar="S",
+                   help="input side in px, a multiple of 32 (default: the run's)")  # fmt: skip
+    x.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} (default {DEFAULT_OPSET})")  # fmt: skip
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in --out (never anything else)")  # fmt: skip
+    x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="versions and model variants")
     i.set_defaults(func=cmd_info)

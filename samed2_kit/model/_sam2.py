@@ -7,7 +7,11 @@ they import torchvision, which cannot be imported on CPU torch.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
+import torch.nn.functional as F
 
 from samed2_kit.types import ImageFeatures
 
@@ -85,6 +89,43 @@ def dense_pe(sam: torch.nn.Module) -> torch.Tensor:
     return sam.sam_prompt_encoder.get_dense_pe()
 
 
+def embed_points(sam: torch.nn.Module, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sparse prompt (B, N, C) of points the caller laid out as `embed_prompts` does (box
+    corners labelled 2 / 3 first, clicks 1 / 0, then sam2's padding point labelled -1): the
+    prompt encoder's point embedding without adding a padding point (ONNX export,
+    `samed2_kit.deploy.graphs`). N may be 0."""
+    return sam.sam_prompt_encoder._embed_points(coords, labels, pad=False)
+
+
+def embed_mask_or_none(
+    sam: torch.nn.Module, masks: torch.Tensor, use: torch.Tensor
+) -> torch.Tensor:
+    """Dense prompt (B, C, h, w): the mask embedding of `masks` (B, 1, 4h, 4w) where `use` (B,)
+    is > 0, else the "no mask" embedding: `embed_prompts`' dense output as a tensor choice."""
+    enc = sam.sam_prompt_encoder
+    none = enc.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    none = none.expand(masks.shape[0], -1, *enc.image_embedding_size)
+    return torch.where(use.reshape(-1, 1, 1, 1) > 0, enc._embed_masks(masks), none)
+
+
+def decode_all(sam: torch.nn.Module, feats: ImageFeatures, sparse: torch.Tensor, dense: torch.Tensor,
+               image_pe: torch.Tensor | None = None):  # fmt: skip
+    """The mask decoder's outputs for all its mask tokens, before sam2 picks the single or the
+    multimask ones: logits (B, 4, 4h, 4w), IoU (B, 4), tokens (B, 4, C), object score logits
+    (B, 1) (`decode` selects from these)."""
+    return sam.sam_mask_decoder.predict_masks(
+        image_embeddings=feats.image_embed, image_pe=dense_pe(sam) if image_pe is None else image_pe,
+        sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, repeat_image=False,
+        high_res_features=feats.high_res,
+    )  # fmt: skip
+
+
+def embedding_pos(sam: torch.nn.Module, like: torch.Tensor) -> torch.Tensor:
+    """The sine positional encoding (1, C, h, w) of an image embedding shaped like `like`, as the
+    encoder's neck makes it (`ImageFeatures.pos`; a constant of the size)."""
+    return sam.image_encoder.neck.position_encoding(like[:1]).to(like.dtype)
+
+
 def decode(
     sam: torch.nn.Module,
     feats: ImageFeatures,
@@ -132,6 +173,13 @@ def object_pointer(sam: torch.nn.Module, tokens: torch.Tensor, iou: torch.Tensor
     token = tokens[:, 0]
     if tokens.shape[1] > 1:
         token = tokens[torch.arange(len(tokens), device=tokens.device), iou.argmax(dim=-1)]
+    return pointer_of_token(sam, token, object_score_logits)
+
+
+def pointer_of_token(sam: torch.nn.Module, token: torch.Tensor,
+                     object_score_logits: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The object pointer (B, C) of the chosen output token (B, C) and object score (B, 1):
+    `obj_ptr_proj`, gated by the score as `object_pointer` says."""
     ptr = sam.obj_ptr_proj(token)
     if sam.pred_obj_scores:
         present = object_score_logits.sigmoid() if sam.soft_no_obj_ptr else (
@@ -142,27 +190,43 @@ def object_pointer(sam: torch.nn.Module, tokens: torch.Tensor, iou: torch.Tensor
     return ptr
 
 
+def pointer_positions(sam: torch.nn.Module, distances: list[int], num_frames: int) -> torch.Tensor:
+    """Relative temporal positions (P,) float32 of object pointers `distances[i]` frames from the
+    current one in a sequence of `num_frames`: distance / max(min(num_frames,
+    max_obj_ptrs_in_encoder) - 1, 1), what sam2 feeds its pointers' sine encoding."""
+    t_max = max(min(num_frames, sam.max_obj_ptrs_in_encoder) - 1, 1)
+    return torch.tensor(distances, dtype=torch.float32) / t_max
+
+
 def pointer_tokens(sam: torch.nn.Module, pointers: torch.Tensor, distances: list[int],
                    num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Object pointers (P, B, C) of earlier frames, `distances[i]` frames from the current one,
     as memory tokens for memory attention: (P * C / mem_dim, B, mem_dim) tokens and their
     positional encodings, as `SAM2Base._prepare_memory_conditioned_features` makes them
     (`num_frames`: the length of the sequence, which bounds the encoding's scale)."""
+    rel = pointer_positions(sam, distances, num_frames).to(pointers.device)
+    return pointer_tokens_at(sam, pointers, rel)
+
+
+def pointer_tokens_at(sam: torch.nn.Module, pointers: torch.Tensor,
+                      rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """`pointer_tokens` from relative positions rel (P,) float32 (`pointer_positions`); traceable
+    for any P >= 0 (the propagation ONNX graph runs it)."""
     from sam2.modeling.sam2_utils import get_1d_sine_pe
 
     p, b, c = pointers.shape
     m = sam.mem_dim
     if sam.add_tpos_enc_to_obj_ptrs:
-        t_max = max(min(num_frames, sam.max_obj_ptrs_in_encoder) - 1, 1)
         dim = c if sam.proj_tpos_enc_in_obj_ptrs else m
-        rel = torch.tensor(distances, device=pointers.device, dtype=torch.float32)
-        pos = sam.obj_ptr_tpos_proj(get_1d_sine_pe(rel / t_max, dim=dim).to(pointers.dtype))
+        pos = sam.obj_ptr_tpos_proj(get_1d_sine_pe(rel, dim=dim).to(pointers.dtype))
         pos = pos.unsqueeze(1).expand(-1, b, m)
     else:
-        pos = pointers.new_zeros(p, b, m)
-    if m < c:  # one pointer -> C / mem_dim tokens
-        pointers = pointers.reshape(p, b, c // m, m).permute(0, 2, 1, 3).flatten(0, 1)
-        pos = pos.repeat_interleave(c // m, dim=0)
+        pos = torch.zeros_like(pointers[..., :m])
+    if m < c:  # one pointer -> C / mem_dim tokens, each with its pointer's encoding
+        k = c // m
+        # split + stack, then a merge whose -1 is the only size that may be 0 (P = 0 in ONNX)
+        pointers = torch.stack(pointers.split(m, dim=-1), dim=1).reshape(-1, b, m)
+        pos = pos.unsqueeze(1).expand(-1, k, -1, -1).reshape(-1, b, m)
     return pointers, pos
 
 
@@ -239,8 +303,6 @@ def encode_memory(
     """Memory-encoder features (B, mem_dim, h, w) of predictions, as sam2's `_encode_new_memory`
     makes them: the raw embedding fused with sigmoid(mask logits at S x S) * scale + bias, plus
     `no_obj_embed_spatial` where the object score says "no object"."""
-    import torch.nn.functional as F
-
     size = sam.image_size
     hi = F.interpolate(low_res_logits[:, :1].float(), (size, size), mode="bilinear",
                        align_corners=False)  # fmt: skip
@@ -309,3 +371,151 @@ def attend_memory(sam: torch.nn.Module, feats: ImageFeatures, memory: torch.Tens
     out = sam.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=mem,
                                memory_pos=mem_pos, num_obj_ptr_tokens=n_ptr)  # fmt: skip
     return out.permute(1, 2, 0).reshape(b, -1, h, w)
+
+
+# --- memory attention in real arithmetic (exportable: no complex numbers) -----------------------
+#
+# sam2's RoPEAttention rotates query/key channel pairs (2i, 2i + 1) as complex numbers by
+# `compute_axial_cis` angles (torch.polar, view_as_complex): not exportable to ONNX. The functions
+# below compute the same rotation with cos/sin tables, and sam2's `MemoryAttention.forward` /
+# `MemoryAttentionLayer.forward` around it, with the same weights.
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_tables(dim: int, theta: float, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 4)[: (dim // 4)].float() / dim))
+    t = torch.arange(h * w, dtype=torch.float32)
+    tx, ty = t % w, torch.div(t, w, rounding_mode="floor")
+    angles = torch.cat([torch.outer(tx, freqs), torch.outer(ty, freqs)], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rope_tables(attn: torch.nn.Module, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (h*w, d/2) float32 of sam2's axial rotary encoding of a RoPEAttention
+    `attn` (head width d, its `rope_theta`) over an h x w token grid: sam2's
+    `compute_axial_cis(d, end_x=w, end_y=h, theta)` as real numbers. Token t = y*w + x; pair
+    i < d/4 turns by x * theta^(-4i/d), pair d/4 + i by y * theta^(-4i/d)."""
+    kw = attn.compute_cis.keywords  # sam2 keeps the head width and theta in this partial
+    cos, sin = _rope_tables(int(kw["dim"]), float(kw["theta"]), int(h), int(w))
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, N, d) by the tables (n, d/2) (`rope_tables`), computed in float32 and
+    returned in x's dtype, as sam2's `apply_rotary_enc`. N = r * n: keys over r memory frames
+    reuse the table r times (sam2's `repeat_freqs_k`); N = n for queries."""
+    # reshapes, not (un)flatten: the ONNX exporter keeps their sizes dynamic
+    b, heads, n, d = x.shape
+    xf = x.float().reshape(b, heads, -1, cos.shape[0], d // 2, 2)  # (B, H, r, n, d/2, 2)
+    a, b_ = xf[..., 0], xf[..., 1]
+    out = torch.stack([a * cos - b_ * sin, a * sin + b_ * cos], dim=-1)  # (a + ib)(cos + i sin)
+    return out.reshape(b, heads, n, d).type_as(x)
+
+
+def rope_attention(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   grid: tuple[int, int], k_extra: torch.Tensor | None = None,
+                   v_extra: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """sam2's `RoPEAttention.forward` in real arithmetic.
+
+    q (B, h*w, C) query tokens of the h x w `grid`; k, v (B, r*h*w, C_kv) rotated keys/values
+    (r > 1 needs the module's `rope_k_repeat`, as in sam2); k_extra, v_extra (B, P, C_kv) more
+    keys/values appended without rotation (sam2's `num_k_exclude_rope`: the object-pointer
+    tokens) or None. Returns (B, h*w, C)."""
+    if q.shape[1] != k.shape[1] and not attn.rope_k_repeat:
+        raise ValueError(
+            f"rope_attention: {k.shape[1]} keys for {q.shape[1]} queries needs a RoPEAttention "
+            "built with rope_k_repeat=True (sam2's memory cross-attention)"
+        )
+    heads = attn.num_heads
+    cos, sin = (t.to(q.device) for t in rope_tables(attn, *grid))
+    qh = apply_rope(_heads(attn.q_proj(q), heads), cos, sin)
+    kh = apply_rope(_heads(attn.k_proj(k), heads), cos, sin)
+    vh = _heads(attn.v_proj(v), heads)
+    if k_extra is not None:
+        kh = torch.cat([kh, _heads(attn.k_proj(k_extra), heads)], dim=2)
+        vh = torch.cat([vh, _heads(attn.v_proj(v_extra), heads)], dim=2)
+    dropout_p = attn.dropout_p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(qh, kh, vh, dropout_p=dropout_p)  # (B, heads, N, d)
+    return attn.out_proj(out.transpose(1, 2).reshape(out.shape[0], -1, attn.internal_dim))
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads * d) -> (B, heads, N, d), sam2's `_separate_heads`; N (the -1) may be 0."""
+    return x.reshape(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+def _attention(attn, q, k, v, grid, k_extra=None, v_extra=None) -> torch.Tensor:
+    """A memory-attention layer's attention: rotary (`rope_attention`) or sam2's plain one."""
+    from sam2.modeling.sam.transformer import RoPEAttention
+
+    if isinstance(attn, RoPEAttention):
+        return rope_attention(attn, q, k, v, grid, k_extra, v_extra)
+    if k_extra is not None:
+        k, v = torch.cat([k, k_extra], dim=1), torch.cat([v, v_extra], dim=1)
+    return attn(q, k, v)
+
+
+def memory_layer(layer: torch.nn.Module, tgt: torch.Tensor, query_pos: torch.Tensor,
+                 memory: torch.Tensor, pos: torch.Tensor, grid: tuple[int, int],
+                 extra: torch.Tensor | None = None,
+                 extra_pos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """sam2's `MemoryAttentionLayer.forward` (batch first) with real-valued rotary attention.
+
+    tgt, query_pos (B, h*w, C); memory, pos (B, r*h*w, m) spatial memory tokens (rotated);
+    extra, extra_pos (B, P, m) object-pointer tokens (not rotated) or None. Returns (B, h*w, C)."""
+    t2 = layer.norm1(tgt)
+    qk = t2 + query_pos if layer.pos_enc_at_attn else t2
+    tgt = tgt + layer.dropout1(_attention(layer.self_attn, qk, qk, t2, grid))
+    t2 = layer.norm2(tgt)
+    q = t2 + query_pos if layer.pos_enc_at_cross_attn_queries else t2
+    keys, extra_keys = memory, extra
+    if layer.pos_enc_at_cross_attn_keys:
+        keys = memory + pos
+        extra_keys = None if extra is None else extra + extra_pos
+    tgt = tgt + layer.dropout2(
+        _attention(layer.cross_attn_image, q, keys, memory, grid, extra_keys, extra)
+    )
+    t2 = layer.norm3(tgt)
+    t2 = layer.linear2(layer.dropout(layer.activation(layer.linear1(t2))))
+    return tgt + layer.dropout3(t2)
+
+
+def attend_tokens(sam: torch.nn.Module, curr: torch.Tensor, curr_pos: torch.Tensor,
+                  memory: torch.Tensor, memory_pos: torch.Tensor, grid: tuple[int, int],
+                  extra: torch.Tensor | None = None,
+                  extra_pos: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """sam2's `MemoryAttention.forward` in real arithmetic, batch first.
+
+    curr, curr_pos (B, h*w, C) the current frame's (raw) embedding tokens of the h x w `grid`
+    and their positional encoding; memory, memory_pos (B, n*h*w, m) spatial memory tokens,
+    entry-major, with their positional + temporal encodings; extra, extra_pos (B, P, m) the
+    object-pointer tokens or None. Returns the normed output (B, h*w, C)."""
+    att = sam.memory_attention
+    if not att.batch_first:
+        raise ValueError(
+            "attend_tokens: sam2's memory attention must be batch_first (it always is)"
+        )
+    out = curr + 0.1 * curr_pos if att.pos_enc_at_input else curr
+    for layer in att.layers:
+        out = memory_layer(layer, out, curr_pos, memory, memory_pos, grid, extra, extra_pos)
+    return att.norm(out)
+
+
+def memory_attention(sam: torch.nn.Module, curr: torch.Tensor, memory: torch.Tensor,
+                     curr_pos: torch.Tensor, memory_pos: torch.Tensor,
+                     num_obj_ptr_tokens: int = 0) -> torch.Tensor:  # fmt: skip
+    """`sam.memory_attention(curr, memory, curr_pos, memory_pos, num_obj_ptr_tokens)` with sam2's
+    layout (sequence first: curr (h*w, B, C), memory (N, B, m) whose last `num_obj_ptr_tokens`
+    are object pointers), computed in real arithmetic (`attend_tokens`); h = w = sqrt(h*w), as
+    sam2 assumes. Returns (h*w, B, C)."""
+    hw = curr.shape[0]
+    side = math.isqrt(hw)
+    if side * side != hw:
+        raise ValueError(f"memory_attention: {hw} query tokens are not a square grid")
+    split = memory.shape[0] - num_obj_ptr_tokens
+    mem, pos = memory.transpose(0, 1), memory_pos.transpose(0, 1)
+    extra = mem[:, split:] if num_obj_ptr_tokens else None
+    extra_pos = pos[:, split:] if num_obj_ptr_tokens else None
+    out = attend_tokens(sam, curr.transpose(0, 1), curr_pos.transpose(0, 1), mem[:, :split],
+                        pos[:, :split], (side, side), extra, extra_pos)  # fmt: skip
+    return out.transpose(0, 1)

@@ -74,12 +74,23 @@ def _config_path(variant: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "configs" / rel
 
 
+def check_image_size(image_size, what: str = "image_size") -> int:
+    """`image_size` as an int, or a ValueError naming `what`: the model's input side in px must
+    be a multiple of 32 (the Hiera window grid at S/4 and the embedding at S/16) and >= 64."""
+    import numbers
+
+    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
+        raise ValueError(f"{what}={image_size!r}: give an integer number of pixels, e.g. 1024")
+    if image_size % 32 or image_size < 64:
+        raise ValueError(f"{what}={image_size}: use a multiple of 32, e.g. 256, 512 or 1024")
+    return int(image_size)
+
+
 def model_config(variant: str, image_size: int = 1024):
     """The OmegaConf config of `variant` at `image_size` (px, a multiple of 32)."""
     from omegaconf import OmegaConf
 
-    if image_size % 32 or image_size < 64:
-        raise ValueError(f"image_size={image_size}: use a multiple of 32, e.g. 256, 512 or 1024")
+    check_image_size(image_size)
     cfg = OmegaConf.load(_config_path(variant))
     m = cfg.model
     m.image_size = image_size

@@ -15,6 +15,13 @@ predict query images with no prompt, or with points/boxes as well:
     pred.set_image(query_image)
     masks, scores, logits = pred.predict(multimask_output=False)
 
+Backends: `Predictor(model)` runs the torch model; `Predictor(export_dir, backend="onnx")` runs
+the graphs of an export folder (`samed2 export`) through onnxruntime, with the same preprocessing
+and postprocessing code, hence the same outputs (low-res logits within ~1e-6, docs/deploy.md):
+
+    pred = Predictor("runs/a-onnx", backend="onnx")   # or an `OnnxModel(dir, providers=...)`
+    pred = Predictor(model, backend="onnx")           # exports `model` into a temporary folder
+
 Images (`check_image`): (H, W) grey, (H, W, 1), (H, W, 3) RGB or (H, W, 4) RGBA (the alpha
 channel is dropped, with a logged note); each side at least `MIN_IMAGE_SIDE` (8) px; integer,
 bool or float pixels, all finite. Prompts follow `samed2_kit.prompts.check_prompt`'s rules
@@ -24,6 +31,7 @@ bool or float pixels, all finite. Prompts follow `samed2_kit.prompts.check_promp
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +45,7 @@ from samed2_kit.types import ImageFeatures
 PREDICT_NAMES = {"points": "point_coords", "labels": "point_labels"}
 # the smallest image side (px) set_image takes: smaller is a crop or a thumbnail, not an image
 MIN_IMAGE_SIDE = 8
+BACKENDS = ("torch", "onnx")
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +100,42 @@ def check_image(image, where: str = "set_image", note_alpha: bool = True) -> np.
 
 
 class Predictor:
-    """Cache the image embedding of one image, answer prompts on it."""
+    """Cache the image embedding of one image, answer prompts on it.
 
-    def __init__(self, model: SAMed2Model, mask_threshold: float = 0.0):
-        self.model = model
+    Args:
+        model: a `SAMed2Model`; with backend="onnx" also an export folder (`samed2 export`) or
+            a `samed2_kit.deploy.runtime.OnnxModel` (its providers and threads). A model given
+            with backend="onnx" is exported into a temporary folder first (removed when the
+            predictor is garbage-collected): export once with `samed2 export` to reuse it.
+        mask_threshold: logit threshold of the returned masks.
+        backend: "torch" or "onnx" (needs the `export` extra: onnxruntime). The onnx backend
+            has no few-shot path (`set_support`): the export leaves support-reading sources out.
+    """
+
+    def __init__(
+        self, model: SAMed2Model | str | Path, mask_threshold: float = 0.0, backend: str = "torch"
+    ):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
+        self.backend = backend
+        self.onnx = None  # samed2_kit.deploy.runtime.OnnxModel (backend="onnx")
+        if backend == "onnx":
+            self.onnx, tmp = _onnx_model(model)
+            if tmp is not None:  # the temporary export goes with the predictor
+                import shutil
+                import weakref
+
+                weakref.finalize(self, shutil.rmtree, tmp, True)
+            model = None
+        elif not isinstance(model, torch.nn.Module):
+            raise ValueError(
+                f"Predictor(backend='torch') takes a SAMed2Model, got {type(model).__name__}: "
+                "load a run folder with samed2_kit.model.assemble.load(RUN), or pass an export "
+                "folder with backend='onnx'"
+            )
+        self.model = model  # None with backend="onnx"
         self.mask_threshold = mask_threshold
-        self._features: ImageFeatures | None = None
+        self._features: ImageFeatures | dict | None = None
         self._orig_hw: tuple[int, int] | None = None
         self._support = None  # samed2_kit.sources.Support, from set_support
         # (points (N, 2) x, y in image pixels, labels (N,)) a few-shot source prompted the last
@@ -106,11 +145,21 @@ class Predictor:
 
     @property
     def clip_len(self) -> int:
-        """T slices per encoder clip: > 1 for a model with temporal adapters (see `set_image`)."""
+        """T slices per encoder clip: > 1 for a model with temporal adapters (see `set_image`);
+        with backend="onnx", the export's clip encoder's T (1 without one)."""
+        if self.onnx is not None:
+            return self.onnx.clip_len
         return int(self.model.spec.clip_len)
 
     @property
+    def image_size(self) -> int:
+        """S, the model's input side in px."""
+        return self.onnx.image_size if self.onnx is not None else int(self.model.image_size)
+
+    @property
     def device(self) -> torch.device:
+        if self.onnx is not None:
+            return torch.device("cpu")  # where the arrays live; onnxruntime runs them
         return next(self.model.parameters()).device
 
     @torch.no_grad()
@@ -143,11 +192,14 @@ class Predictor:
         if neighbors is not None and t > 1:
             clip = [check_image(c, f"set_image: neighbors[{i}]", note_alpha=False)
                     for i, c in enumerate(_check_clip(neighbors, image, t))]  # fmt: skip
-        size = self.model.image_size
+        size = self.image_size
         x = torch.stack([to_model_input(normalize_intensity(c, modality=modality, window=window),
                                         size) for c in clip]).to(self.device)  # fmt: skip
-        self.model.eval()
-        self._features = self.model.encode(x, clip_len=t).select(slice(t // 2, t // 2 + 1))
+        if self.onnx is not None:
+            self._features = self.onnx.encode(x.numpy())
+        else:
+            self.model.eval()
+            self._features = self.model.encode(x, clip_len=t).select(slice(t // 2, t // 2 + 1))
         self._orig_hw = image.shape[:2]
         self.encoder_calls += 1
 
@@ -173,6 +225,12 @@ class Predictor:
         """
         from samed2_kit.medbank.preprocess import normalize_intensity, resize_mask, to_model_input
 
+        if self.onnx is not None:
+            raise ValueError(
+                "set_support is not available with backend='onnx': the export leaves the "
+                "support-reading sources (few-shot) out; use Predictor(model) (backend='torch') "
+                "for few-shot prediction"
+            )
         readers = self.model.support_sources()
         if not readers:
             raise ValueError(
@@ -220,8 +278,23 @@ class Predictor:
 
     def _to_model_coords(self, xy: np.ndarray) -> np.ndarray:
         h, w = self._orig_hw
-        s = self.model.image_size
+        s = self.image_size
         return xy * np.array([s / w, s / h], dtype=np.float32)
+
+    def _mask_input(self, mask_input) -> np.ndarray | None:
+        """mask_input as (1, 1, S/4, S/4) float32 logits (None when not given), checked."""
+        if not is_given(mask_input):
+            return None
+        mi = np.asarray(mask_input, dtype=np.float32)
+        if not np.isfinite(mi).all():
+            raise ValueError(
+                "mask_input holds NaN or infinite logits: pass low_res_logits of an earlier "
+                "predict() call"
+            )
+        low = self.image_size // 4
+        if mi.shape[-2:] != (low, low) or mi.size != low * low:
+            raise ValueError(f"mask_input must be (1, {low}, {low}) logits, got {tuple(mi.shape)}")
+        return mi.reshape(1, 1, low, low)
 
     @torch.no_grad()
     def predict(
@@ -257,55 +330,67 @@ class Predictor:
         if any(is_given(v) for v in (point_coords, point_labels, box)):
             given = Prompt(box=box, points=point_coords, labels=point_labels)
             p = check_prompt(given, self._orig_hw, names=PREDICT_NAMES, many_boxes=True)
-        mask_input = mask_input if is_given(mask_input) else None
-        if p.points is None and p.box is None and mask_input is None and self._support is None:
+        if (
+            p.points is None
+            and p.box is None
+            and not is_given(mask_input)
+            and self._support is None
+        ):
             raise ValueError(
                 "predict needs at least one prompt: point_coords (+ point_labels), box or "
                 "mask_input (or set_support(...) first, for few-shot prediction without a prompt)"
             )
-        dev = self.device
+        mask = self._mask_input(mask_input)
         batched = p.box is not None and np.ndim(box) == 2
-        boxes = None
-        if p.box is not None:
-            xy = self._to_model_coords(p.box.reshape(-1, 2))
-            boxes = torch.from_numpy(xy.reshape(-1, 4)).to(dev)
+        boxes = (
+            None if p.box is None else self._to_model_coords(p.box.reshape(-1, 2)).reshape(-1, 4)
+        )
+        points = None if p.points is None else self._to_model_coords(p.points)
+        self.suggested_clicks = None
+        if self.onnx is not None:
+            low_res, iou = self._decode_onnx(points, p.labels, boxes, mask, multimask_output)
+        else:
+            low_res, iou = self._decode_torch(points, p.labels, boxes, mask, multimask_output)
+        full = F.interpolate(low_res, size=self._orig_hw, mode="bilinear", align_corners=False)
+        result = full if return_logits else full > self.mask_threshold
+        low_res = torch.clamp(low_res, -32.0, 32.0)
+        result, scores, low_res = (t.cpu().numpy() for t in (result, iou, low_res))
+        if not batched:
+            return result[0], scores[0], low_res[0]
+        return result, scores, low_res
+
+    def _decode_torch(self, points, labels, boxes, mask, multimask_output: bool):
+        """The torch model on K objects (K boxes, else 1), prompts in model-input pixels:
+        low-res logits (K, M, S/4, S/4) and IoU (K, M), float32."""
+        dev = self.device
         k = len(boxes) if boxes is not None else 1
-        points = labels = None
-        if p.points is not None:
-            points = torch.from_numpy(self._to_model_coords(p.points))[None].expand(k, -1, -1)
-            points = points.to(dev)
-            labels = torch.from_numpy(p.labels)[None].expand(k, -1).to(dev)
-        masks = None
-        if mask_input is not None:
-            mi = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))
-            if not torch.isfinite(mi).all():
-                raise ValueError(
-                    "mask_input holds NaN or infinite logits: pass low_res_logits of an earlier "
-                    "predict() call"
-                )
-            low = self.model.image_size // 4
-            if mi.shape[-2:] != (low, low):
-                raise ValueError(
-                    f"mask_input must be (1, {low}, {low}) logits, got {tuple(mi.shape)}"
-                )
-            masks = mi.reshape(1, 1, low, low).expand(k, -1, -1, -1).to(dev)
+        if boxes is not None:
+            boxes = torch.from_numpy(boxes).to(dev)
+        if points is not None:
+            points = torch.from_numpy(points)[None].expand(k, -1, -1).to(dev)
+            labels = torch.from_numpy(labels)[None].expand(k, -1).to(dev)
+        else:
+            labels = None
+        masks = None if mask is None else torch.from_numpy(mask).expand(k, -1, -1, -1).to(dev)
         feats = self._features.select(torch.zeros(k, dtype=torch.long, device=dev))
         prompts = Prompts(points, labels, boxes, masks)
         out = self.model.decode(feats, prompts, multimask_output, support=self._support)
-        self.suggested_clicks = None
         if out.prompts is not prompts:  # few-shot: the source's clicks, in image pixels
             h, w = self._orig_hw
             xy = out.prompts.points[0].float().cpu().numpy() / self.model.image_size * [w, h]
             lab = out.prompts.point_labels[0].cpu().numpy()
             self.suggested_clicks = (xy[lab >= 0], lab[lab >= 0])
-        low_res = out.low_res_logits.float()
-        full = F.interpolate(low_res, size=self._orig_hw, mode="bilinear", align_corners=False)
-        result = full if return_logits else full > self.mask_threshold
-        low_res = torch.clamp(low_res, -32.0, 32.0)
-        result, scores, low_res = (t.cpu().numpy() for t in (result, out.iou.float(), low_res))
-        if not batched:
-            return result[0], scores[0], low_res[0]
-        return result, scores, low_res
+        return out.low_res_logits.float(), out.iou.float()
+
+    def _decode_onnx(self, points, labels, boxes, mask, multimask_output: bool):
+        """`_decode_torch` through the export's decoder graph, one object per call."""
+        lows, ious = [], []
+        for box in boxes if boxes is not None else [None]:
+            low, iou, _ = self.onnx.predict_low_res(self._features, points, labels, box, mask,
+                                                    multimask_output)  # fmt: skip
+            lows.append(low)
+            ious.append(iou)
+        return torch.from_numpy(np.stack(lows)), torch.from_numpy(np.stack(ious))
 
 
 def max_supports(model) -> tuple[float, str | None]:
@@ -318,6 +403,35 @@ def max_supports(model) -> tuple[float, str | None]:
         if kind.max_supports is not None:
             limits.append((kind.max_supports(module), name))
     return min(limits) if limits else (float("inf"), None)
+
+
+def _onnx_model(model):
+    """(OnnxModel, the temporary folder to remove with the predictor, or None) for
+    backend="onnx": from an OnnxModel, an export folder, or a model (exported first)."""
+    from samed2_kit.deploy.runtime import OnnxModel
+
+    if isinstance(model, OnnxModel):
+        return model, None
+    if isinstance(model, (str, Path)):
+        return OnnxModel(model), None
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(
+            f"Predictor(backend='onnx') takes an export folder (`samed2 export RUN --out DIR`), "
+            f"an OnnxModel or a SAMed2Model, got {type(model).__name__}"
+        )
+    import shutil
+    import tempfile
+
+    from samed2_kit.deploy.contract import require
+    from samed2_kit.deploy.export import export_onnx
+
+    require("onnxruntime")  # before the export, not after it
+    tmp = Path(tempfile.mkdtemp(prefix="samed2-onnx-"))
+    try:
+        return OnnxModel(export_onnx(model, tmp / "export", propagation=False)), tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _check_clip(neighbors, image: np.ndarray, t: int) -> list[np.ndarray]:

@@ -66,8 +66,10 @@ class DSGIM(nn.Module):
         a = q @ k.transpose(1, 2) / math.sqrt(c)  # (B, N, N)
         mu = a.mean(-1)
         dist = (mu[:, :, None] - mu[:, None, :]).abs().float()
-        tau = dist.kthvalue((dist.shape[-1] + 1) // 2, dim=-1, keepdim=True).values
-        eye = torch.eye(a.shape[-1], dtype=torch.bool, device=x.device)
+        # the lower median: the last of the (N + 1) // 2 smallest (kthvalue's value; topk and a
+        # float eye also export to ONNX and run in onnxruntime, kthvalue and a bool eye do not)
+        tau = dist.topk((dist.shape[-1] + 1) // 2, dim=-1, largest=False).values[..., -1:]
+        eye = torch.eye(a.shape[-1], device=x.device) > 0
         far, near = (dist >= tau) | eye, (dist < tau) | eye
         a_hat = sum(torch.softmax(a.masked_fill(~part, float("-inf")), -1) for part in (far, near))
         out = self.fc(a_hat @ v).transpose(1, 2).reshape(b, c, h, w)

@@ -91,20 +91,19 @@ def _passes(starts: list[int], n: int, direction: str) -> list[tuple[int, list[i
 class _Features:
     """Encoder features per slice, encoded lazily in clips of T and freed after their last use."""
 
-    def __init__(self, model, slice01, n: int, t: int, batch: int, visits: list[int]):
+    def __init__(self, steps, slice01, n: int, t: int, batch: int, visits: list[int]):
         from samed2_kit.medbank.preprocess import to_model_input
 
-        self.model, self.n, self.t, self.batch = model, n, t, batch
+        self.steps, self.n, self.t, self.batch = steps, n, t, batch
         self.prep = lambda z: to_model_input(np.repeat(slice01(z)[..., None], 3, 2),
-                                             model.image_size)  # fmt: skip
+                                             steps.image_size)  # fmt: skip
         self.uses = Counter(z // t for z in visits)
         self.cache: dict[int, ImageFeatures] = {}
-        self.device = next(model.parameters()).device
 
     def _encode(self, chunks: list[int]) -> None:
         zs = [min(c * self.t + i, self.n - 1) for c in chunks for i in range(self.t)]
-        x = torch.stack([self.prep(z) for z in zs]).to(self.device)
-        feats = self.model.encode(x, clip_len=self.t)
+        x = torch.stack([self.prep(z) for z in zs]).to(self.steps.device)
+        feats = self.steps.encode(x, self.t)
         for k, c in enumerate(chunks):
             self.cache[c] = feats.select(slice(k * self.t, (k + 1) * self.t))
 
@@ -167,17 +166,18 @@ def _check_prompts(prompts: dict, n: int, h: int, w: int) -> dict[int, Prompt]:
     return checked
 
 
-def _run_pass(model, feats_of: _Features, p: int, zs: list[int], start: SliceResult,
+def _run_pass(steps, feats_of: _Features, p: int, zs: list[int], start: SliceResult,
               out: np.ndarray, *, memory_frames: int, stop_after_empty: int | None, bar) -> None:  # fmt: skip
     """Propagate from prompted slice p (its result `start`) over `zs` (in visiting order) into
     `out` (Z, H, W) bool."""
     h, w = out.shape[1:]
-    run = Pass.begin(model.sam, start, memory_frames, len(out))
+    n = len(out)
+    run = Pass(start, memory_frames, n, min(n, steps.max_obj_ptrs) - 1)  # = Pass.begin
     empty_run, step = 0, 1 if zs[0] > p else -1
     for i, z in enumerate(zs):
         mems, pointers = run.context()
-        res = propagated(model, feats_of.get(z, step), [None if mems is None else mems[:, 0]],
-                         pointers=pointers)  # fmt: skip
+        res = steps.propagated(feats_of.get(z, step), None if mems is None else mems[:, 0],
+                               pointers)  # fmt: skip
         out[z] = _upsample(res.low_res_logits, h, w)
         run.add(res)
         bar.update(1)
@@ -192,7 +192,8 @@ def _run_pass(model, feats_of: _Features, p: int, zs: list[int], start: SliceRes
 def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", window=None,
                      memory_frames: int = 6, direction: str = "both", batch: int = 4,
                      stop_after_empty: int | None = None, progress: bool = False,
-                     clip_len: int | None = None) -> np.ndarray:  # fmt: skip
+                     clip_len: int | None = None, backend: str = "torch",
+                     export_dir=None) -> np.ndarray:  # fmt: skip
     """Segment one object through a volume from prompts on some of its slices.
 
     Args:
@@ -205,7 +206,13 @@ def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", wi
             slice of its pass); 0: no memory of this volume. direction: "both", "up" (towards
             higher z) or "down". batch: clips per encoder call. stop_after_empty: end a pass after
             this many consecutive empty slices (None: never). progress: a tqdm bar over slices.
-        clip_len: T slices per encoder clip (None: `model_clip_len(model)`).
+        clip_len: T slices per encoder clip (None: `model_clip_len(model)`; with onnx, the
+            exported model's).
+        backend: "torch" (the model) or "onnx" (onnxruntime on the graphs of `export_dir`, a
+            folder written by `samed2 export`; `model` is then unused and may be None, or an
+            `samed2_kit.deploy.propagation.OnnxPropagation` to use instead of the folder). The
+            onnx backend has no confidence bank and no prompt sources beyond what its graphs
+            hold; CPU.
 
     Returns:
         (Z, H, W) bool mask on the volume's voxel grid (for a Volume: its geometry).
@@ -216,24 +223,81 @@ def propagate_volume(model, volume, prompts: dict, *, modality: str = "auto", wi
     n, h, w = arr.shape
     _check_options(direction, memory_frames, batch, stop_after_empty, clip_len)
     checked = _check_prompts(prompts, n, h, w)
+    steps = _backend(model, backend, export_dir)
     starts = sorted(checked)
     passes = _passes(starts, n, direction)
-    t = clip_len or model_clip_len(model)
-    feats_of = _Features(model, volume_intensity(arr, modality, window), n, t, batch,
+    t = clip_len or steps.clip_len
+    feats_of = _Features(steps, volume_intensity(arr, modality, window), n, t, batch,
                          starts + [z for _, zs in passes for z in zs])  # fmt: skip
     out = np.zeros((n, h, w), dtype=bool)
     total = len(starts) + sum(len(zs) for _, zs in passes)
     bar = tqdm(total=total, desc="propagate", unit="slice", disable=not progress)
-    with evaluation(model), contextlib.closing(bar):
+    modes = evaluation(model) if backend == "torch" else contextlib.nullcontext()
+    with modes, contextlib.closing(bar):
         start = {}
         for z in starts:  # prompted slices
             feats = feats_of.get(z)
-            out[z], start[z] = _decode_prompted(model, feats, checked[z], h, w)
+            out[z], start[z] = _decode_prompted(steps, feats, checked[z], h, w)
             bar.update(1)
         for p, zs in passes:
-            _run_pass(model, feats_of, p, zs, start[p], out, memory_frames=memory_frames,
+            _run_pass(steps, feats_of, p, zs, start[p], out, memory_frames=memory_frames,
                       stop_after_empty=stop_after_empty, bar=bar)  # fmt: skip
     return out
+
+
+class _TorchSteps:
+    """The steps of propagation on the torch model (`volume.sequence`); `OnnxPropagation` has
+    the same members on onnxruntime."""
+
+    def __init__(self, model):
+        self.model = model
+        self.image_size = model.image_size
+        self.clip_len = model_clip_len(model)
+        self.max_obj_ptrs = model.sam.max_obj_ptrs_in_encoder
+        self.device = next(model.parameters()).device
+
+    def encode(self, images: torch.Tensor, clip_len: int) -> ImageFeatures:
+        return self.model.encode(images, clip_len=clip_len)
+
+    def prompted(self, feats: ImageFeatures, prompts: Prompts) -> SliceResult:
+        return prompted(self.model, feats, prompts)
+
+    def from_mask(self, feats: ImageFeatures, low: torch.Tensor, obj: torch.Tensor):
+        # the pointer: the decoder run on the mask, gated by whether it holds the object
+        sam = self.model.sam
+        res = self.model.decode(feats, Prompts(masks=low), False)
+        pointer = _sam2.object_pointer(sam, res.tokens, res.iou, obj)
+        memory = _sam2.encode_memory(sam, feats, low, obj)
+        return SliceResult(low, low, res.iou, obj, memory, pointer)
+
+    def propagated(self, feats: ImageFeatures, memory, pointers) -> SliceResult:
+        return propagated(self.model, feats, [memory], pointers=pointers)
+
+
+BACKENDS = ("torch", "onnx")
+
+
+def _backend(model, backend: str, export_dir):
+    """The steps of `backend` for `model` / `export_dir` (`_TorchSteps` or `OnnxPropagation`)."""
+    if backend == "torch":
+        if model is None or not hasattr(model, "sam"):
+            raise ValueError(
+                f"backend='torch' needs a SAMed2Model, got {type(model).__name__}: load one, or "
+                "use backend='onnx' with export_dir=<exported folder>"
+            )
+        return _TorchSteps(model)
+    if backend != "onnx":
+        raise ValueError(f"backend={backend!r}: one of {BACKENDS}")
+    from samed2_kit.deploy.propagation import OnnxPropagation
+
+    if isinstance(model, OnnxPropagation):
+        return model
+    if export_dir is None:
+        raise ValueError(
+            "backend='onnx' needs export_dir=<folder written by `samed2 export`> (or an "
+            "OnnxPropagation as the model)"
+        )
+    return OnnxPropagation(export_dir)
 
 
 def _is_int(v) -> bool:
@@ -246,18 +310,14 @@ def _upsample(low: torch.Tensor, h: int, w: int) -> np.ndarray:
     return (up[0, 0] > 0).cpu().numpy()
 
 
-def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
+def _decode_prompted(steps, feats: ImageFeatures, p: Prompt, h: int, w: int):
     """A prompted slice -> (result (H, W) bool, its SliceResult: memory features, pointer)."""
-    s, dev = model.image_size, feats.image_embed.device
+    s, dev = steps.image_size, feats.image_embed.device
     if p.mask is not None:  # SAM 2's mask-as-output: logits = mask * 20 - 10, score +-10
         m = torch.as_tensor(p.mask, dtype=torch.float32, device=dev)[None, None]
         low = F.interpolate(m, (s // 4, s // 4), mode="bilinear", antialias=True) * 20 - 10
         obj = torch.full((1, 1), 10.0 if p.mask.any() else -10.0, device=dev)
-        # the pointer: the decoder run on the mask, gated by whether it holds the object
-        res = model.decode(feats, Prompts(masks=low), False)
-        pointer = _sam2.object_pointer(model.sam, res.tokens, res.iou, obj)
-        memory = _sam2.encode_memory(model.sam, feats, low, obj)
-        return p.mask.copy(), SliceResult(low, low, res.iou, obj, memory, pointer)
+        return p.mask.copy(), steps.from_mask(feats, low, obj)
     scale = np.array([s / w, s / h], dtype=np.float32)  # slice pixels -> model-input pixels
     pts = lab = box = refine = None
     if p.mask_input is not None:  # an earlier mask refined by the points/box (SAM 2's rule)
@@ -268,5 +328,5 @@ def _decode_prompted(model, feats: ImageFeatures, p: Prompt, h: int, w: int):
         lab = torch.from_numpy(p.labels.astype(np.int64))[None].to(dev)
     if p.box is not None:
         box = torch.from_numpy((p.box.reshape(2, 2) * scale).reshape(1, 4)).to(dev)
-    res = prompted(model, feats, Prompts(pts, lab, box, refine))
+    res = steps.prompted(feats, Prompts(pts, lab, box, refine))
     return _upsample(res.low_res_logits, h, w), res
