@@ -162,13 +162,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from samed2_kit.deploy.contract import is_export_dir
     from samed2_kit.model.assemble import load as load_model
     from samed2_kit.model.assemble import read_manifest
     from samed2_kit.predict import predict_file
 
-    model = load_model(args.weights).eval()
+    if is_export_dir(args.weights):  # `samed2 export`'s folder: onnxruntime, same results
+        from samed2_kit.deploy.runtime import OnnxModel
+
+        model = OnnxModel(args.weights)
+        trained_on = model.manifest.get("modalities", [])
+    else:
+        model = load_model(args.weights).eval()
+        trained_on = read_manifest(Path(args.weights)).get("modalities", [])
     window = tuple(args.window) if args.window else None
-    trained_on = read_manifest(Path(args.weights)).get("modalities", [])
     path = predict_file(model, args.input, args.prompts, args.out, args.format, args.modality,
                         window, args.support, progress=True, trained_on=trained_on,
                         overwrite=args.overwrite, series_uid=args.series_uid)  # fmt: skip
@@ -236,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_memory(sub)
 
     pr = sub.add_parser("predict", help="segment an image or volume from a prompts file")
-    pr.add_argument("weights", help="run folder (model.safetensors + model.json)")
+    pr.add_argument(
+        "weights", help="run folder, or an export folder (`samed2 export`: onnxruntime)"
+    )
     pr.add_argument("input", help="2D image, NIfTI/NRRD volume or DICOM series folder")
     pr.add_argument("--prompts", help='JSON: {"box": [...]} (2D) or {"slices": {"40": {...}}}')
     pr.add_argument("--out", help="output file or folder (default: the current folder)")

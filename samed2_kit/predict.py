@@ -92,7 +92,8 @@ def _output_format(fmt: str, volume, src: str | None) -> str:
 def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", modality="auto",
                  window=None, support=None, progress=True, trained_on=(),
                  overwrite=False, series_uid=None) -> Path:  # fmt: skip
-    """Segment `input_path` with `model`; returns the mask file written (see the module doc).
+    """Segment `input_path` with `model` (a SAMed2Model, or an OnnxModel of an export folder:
+    onnxruntime); returns the mask file written (see the module doc).
     `series_uid`: the DICOM series to read from a folder holding several (`--series-uid`).
     `trained_on`: the modalities of the model's training data (its model.json); a volume whose
     file names none is read with that modality's intensity rules when `modality` is "auto" and
@@ -129,8 +130,10 @@ def predict_file(model, input_path, prompts_path=None, out=None, fmt="auto", mod
     target.parent.mkdir(parents=True, exist_ok=True)
     from samed2_kit.volume import propagate_volume
 
-    mask = propagate_volume(model, volume, prompts["slices"], modality=modality, window=window,
-                            progress=progress)  # fmt: skip
+    onnx = type(model).__name__ == "OnnxModel"  # an export folder (`samed2 export`)
+    mask = propagate_volume(None if onnx else model, volume, prompts["slices"], modality=modality,
+                            window=window, progress=progress, backend="onnx" if onnx else "torch",
+                            export_dir=model.folder if onnx else None)  # fmt: skip
     from samed2_kit import export
 
     if fmt == "nifti":

@@ -35,3 +35,19 @@ def require(module: str):
         return importlib.import_module(module)
     except ImportError as e:
         raise ImportError(f"{module} is not installed ({e}): {INSTALL_FIX}") from e
+
+
+def is_export_dir(path) -> bool:
+    """Whether `path` is a folder holding an export manifest (of any version); only the
+    manifest is read (no torch, no onnxruntime)."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT

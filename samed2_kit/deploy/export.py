@@ -48,6 +48,7 @@ from samed2_kit.deploy.contract import (
     FORMAT_VERSION,
     MANIFEST,
     OPSETS,
+    is_export_dir,
     require,
 )
 
@@ -63,18 +64,6 @@ def check_opset(opset, what: str = "opset") -> int:
         raise ValueError(f"{what}={opset!r}: use an ONNX opset from {lo} to {hi} (default "
                          f"{DEFAULT_OPSET})")  # fmt: skip
     return opset
-
-
-def is_export_dir(path: str | Path) -> bool:
-    """Whether `path` is a folder holding an export manifest (of any version)."""
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return False
-    try:
-        meta = json.loads(manifest.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def check_out(out: str | Path, overwrite: bool = False) -> Path:
@@ -113,9 +102,10 @@ def load_for_export(run_or_model):
         if is_export_dir(folder):
             raise ValueError(f"{folder} is an ONNX export folder, not a run folder: pass the run "
                              "folder it was exported from")  # fmt: skip
-        read_manifest(folder)  # names the file when missing, unreadable or of a newer format
+        saved = read_manifest(folder)  # names the file when missing, unreadable or newer
         run = {"path": str(folder.resolve()),
-               "model_json_sha256": sha256_file(folder / RUN_MANIFEST)}  # fmt: skip
+               "model_json_sha256": sha256_file(folder / RUN_MANIFEST),
+               "modalities": saved.get("modalities", [])}  # fmt: skip
         model = load(folder)
     else:
         model = run_or_model
@@ -336,6 +326,7 @@ def manifest(model, entries: dict, plan: G.SourcePlan, run: dict | None, opset: 
         "onnx_version": require("onnx").__version__,
         "opset": opset,
         "spec": model.spec.to_dict(),
+        "modalities": (run or {}).get("modalities", []),  # of the training data (predict's auto)
         "trained_image_size": trained_size,
         "source_run": run,
         "model": {

@@ -45,7 +45,7 @@ from samed2_kit.types import ImageFeatures
 PREDICT_NAMES = {"points": "point_coords", "labels": "point_labels"}
 # the smallest image side (px) set_image takes: smaller is a crop or a thumbnail, not an image
 MIN_IMAGE_SIDE = 8
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx")
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,17 @@ class Predictor:
         mask_threshold: logit threshold of the returned masks.
         backend: "torch" or "onnx" (needs the `export` extra: onnxruntime). The onnx backend
             has no few-shot path (`set_support`): the export leaves support-reading sources out.
+            "auto" (default): onnx for an export folder or an OnnxModel (the faster backend at
+            the same results, docs/deploy.md), torch for a SAMed2Model or a run folder (loaded).
     """
 
     def __init__(
-        self, model: SAMed2Model | str | Path, mask_threshold: float = 0.0, backend: str = "torch"
+        self, model: SAMed2Model | str | Path, mask_threshold: float = 0.0, backend: str = "auto"
     ):
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}: choose one of {list(BACKENDS)}")
+        if backend == "auto":
+            model, backend = _auto_backend(model)
         self.backend = backend
         self.onnx = None  # samed2_kit.deploy.runtime.OnnxModel (backend="onnx")
         if backend == "onnx":
@@ -403,6 +407,22 @@ def max_supports(model) -> tuple[float, str | None]:
         if kind.max_supports is not None:
             limits.append((kind.max_supports(module), name))
     return min(limits) if limits else (float("inf"), None)
+
+
+def _auto_backend(model) -> tuple[object, str]:
+    """(model, backend) for backend="auto": an export folder or OnnxModel runs on onnx, a run
+    folder is loaded and runs on torch, a SAMed2Model on torch."""
+    if isinstance(model, (str, Path)):
+        from samed2_kit.deploy.contract import is_export_dir
+
+        if is_export_dir(model):
+            return model, "onnx"
+        from samed2_kit.model.assemble import load
+
+        return load(model).eval(), "torch"
+    if type(model).__name__ == "OnnxModel":
+        return model, "onnx"
+    return model, "torch"
 
 
 def _onnx_model(model):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -439,3 +440,41 @@ def test_what_cannot_be_exported_is_named(tmp_path):
     with pytest.raises(ValueError, match="confidence memory with 3 entries.*backend='torch'"):
         export_onnx(model, tmp_path / "e")
     assert not (tmp_path / "e").exists()
+
+
+def test_auto_backend_and_predict_on_an_export_folder(run_dir, tmp_path, capsys):
+    """backend="auto": an export folder runs on onnxruntime, a run folder loads into torch; the
+    two agree; `samed2 predict` takes either folder and writes the same mask (2D and a volume)."""
+    from samed2_kit.medbank.io import read_volume
+
+    out = tmp_path / "onnx"
+    assert main(["export", str(run_dir), "--out", str(out)]) == 0
+    by_export, by_run = Predictor(out), Predictor(run_dir)
+    assert (by_export.backend, by_run.backend) == ("onnx", "torch")
+    img = np.zeros((48, 64), np.uint8)
+    img[10:30, 15:45] = 200
+    for pred in (by_export, by_run):
+        pred.set_image(img, modality="2d")
+    box = np.array([15, 10, 44, 29])
+    _, _, low_onnx = by_export.predict(box=box, multimask_output=False)
+    _, _, low_torch = by_run.predict(box=box, multimask_output=False)
+    assert np.abs(low_onnx - low_torch).max() < 1e-4
+    png = tmp_path / "img.png"
+    cv2.imwrite(str(png), img)
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"box": box.tolist()}))
+    masks = {}
+    for name, weights in (("onnx", out), ("torch", run_dir)):
+        target = tmp_path / f"{name}.png"
+        assert main(["predict", str(weights), str(png), "--prompts", str(prompts),
+                     "--out", str(target)]) == 0  # fmt: skip
+        masks[name] = read_volume(target).array
+    assert (masks["onnx"] == masks["torch"]).mean() > 0.999
+    vol = REPO / "samed2_kit" / "sample_data" / "pyradiomics_brain" / "brain1_image.nrrd"
+    prompts.write_text(json.dumps({"slices": {"12": {"box": [100, 100, 140, 140]}}}))
+    for name, weights in (("onnx", out), ("torch", run_dir)):
+        target = tmp_path / f"{name}.nii.gz"
+        assert main(["predict", str(weights), str(vol), "--prompts", str(prompts),
+                     "--out", str(target), "--modality", "mr"]) == 0  # fmt: skip
+        masks[name] = read_volume(target, labels=True).array
+    assert (masks["onnx"] == masks["torch"]).mean() > 0.999
