@@ -13,7 +13,6 @@ The extension is the text from the first dot after the pattern's last placeholde
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -337,6 +336,25 @@ def find_pairs(src: PairSource) -> PairScan:
     return scan
 
 
+def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
+    """How many of `n` units each split gets: floor of fraction * n, the rest by largest remainder,
+    and at least one for every split with a fraction > 0 when `n` allows (the rule of
+    `split_by_case`, and of `plan.slab_ranges` over the slices of a volume)."""
+    names = list(fractions)
+    counts = {k: int(np.floor(fractions[k] * n)) for k in names}
+    for k in sorted(names, key=lambda k: -(fractions[k] * n - counts[k]))[
+        : n - sum(counts.values())
+    ]:
+        counts[k] += 1
+    wanted = [k for k in names if fractions[k] > 0]
+    if n >= len(wanted):
+        for k in wanted:
+            if counts[k] == 0:
+                donor = max(names, key=lambda d: counts[d])
+                counts[donor], counts[k] = counts[donor] - 1, 1
+    return counts
+
+
 def split_by_case(
     records: Sequence[PairRecord], fractions: Mapping[str, float] | None = None, seed: int = 0
 ) -> dict[str, list[PairRecord]]:
@@ -350,17 +368,8 @@ def split_by_case(
         raise ValueError(f"split fractions {fractions} must be >= 0 and sum to 1")
     cases = sorted({r.case_id for r in records})
     cases = [cases[k] for k in np.random.default_rng(seed).permutation(len(cases))]
-    n, names = len(cases), list(fractions)
-    counts = {k: math.floor(fractions[k] * n) for k in names}
-    by_rest = sorted(names, key=lambda k: -(fractions[k] * n - counts[k]))
-    for k in by_rest[: n - sum(counts.values())]:
-        counts[k] += 1
-    wanted = [k for k in names if fractions[k] > 0]
-    if n >= len(wanted):
-        for k in wanted:
-            if counts[k] == 0:
-                donor = max(names, key=lambda d: counts[d])
-                counts[donor], counts[k] = counts[donor] - 1, 1
+    names = list(fractions)
+    counts = split_counts(len(cases), fractions)
     split_of, start = {}, 0
     for k in names:
         split_of.update({c: k for c in cases[start : start + counts[k]]})

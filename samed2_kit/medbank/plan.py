@@ -8,29 +8,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from samed2_kit.medbank.pairs import split_counts
 from samed2_kit.medbank.schema import MANIFEST
 from samed2_kit.medbank.spec import BuildSpec, SourceSpec
-
-
-def split_counts(n: int, fractions: dict[str, float]) -> dict[str, int]:
-    """How many of `n` units each split gets: floor of fraction * n, the rest by largest remainder,
-    and at least one for every split with a fraction > 0 when `n` allows (the rule of
-    `pairs.split_by_case`)."""
-    names = list(fractions)
-    counts = {k: int(np.floor(fractions[k] * n)) for k in names}
-    for k in sorted(names, key=lambda k: -(fractions[k] * n - counts[k]))[
-        : n - sum(counts.values())
-    ]:
-        counts[k] += 1
-    wanted = [k for k in names if fractions[k] > 0]
-    if n >= len(wanted):
-        for k in wanted:
-            if counts[k] == 0:
-                donor = max(names, key=lambda d: counts[d])
-                counts[donor], counts[k] = counts[donor] - 1, 1
-    return counts
 
 
 def slab_ranges(zs: list[int], n: int, fractions: dict[str, float]) -> list[tuple[str, int, int]]:
