@@ -289,7 +289,7 @@ def test_damaged_or_mixed_export_folders_are_refused(plain, adapted, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         OnnxModel(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="backend='torch'\\) takes a SAMed2Model"):
-        Predictor(src)
+        Predictor(src, backend="torch")
     with pytest.raises(ValueError, match="backend='tflite'"):
         Predictor(src, backend="tflite")
 
