@@ -37,28 +37,41 @@ def _ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def latency(model, image: np.ndarray, box: np.ndarray, repeats: int) -> dict:
+def sam2_decoder(model, feats, box: np.ndarray, hw: tuple[int, int], upsample: bool = False):
+    """A call of SAM 2's own prompt encoder + mask decoder (single mask) on cached features
+    `feats` (ImageFeatures) for `box` (4,) in pixels of an (H, W) = `hw` image; with `upsample`,
+    the low-res logits are also upsampled to (H, W) and thresholded, as the Predictor does."""
     from samed2_kit.model import _sam2
-    from samed2_kit.model.predictor import Predictor
 
-    pred = Predictor(model)
-    t = time.perf_counter()
-    pred.set_image(image, modality="mr")
-    set_ms = 1000 * (time.perf_counter() - t)
-    feats, s = pred._features, model.image_size
-    h, w = image.shape
+    s = model.image_size
+    h, w = hw
     mbox = torch.tensor(box * np.array([s / w, s / h, s / w, s / h]), dtype=torch.float32)[None]
 
     @torch.no_grad()
     def direct():
         sparse, dense = _sam2.embed_prompts(model.sam, None, None, mbox, None, 1)
         sam = model.sam
-        return sam.sam_mask_decoder(
+        low = sam.sam_mask_decoder(
             image_embeddings=feats.image_embed, image_pe=sam.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
             multimask_output=False, repeat_image=False, high_res_features=feats.high_res,
-        )  # fmt: skip
+        )[0]  # fmt: skip
+        if upsample:
+            up = torch.nn.functional.interpolate(low, hw, mode="bilinear", align_corners=False)
+            return (up > 0).numpy()
+        return low
 
+    return direct
+
+
+def latency(model, image: np.ndarray, box: np.ndarray, repeats: int) -> dict:
+    from samed2_kit.model.predictor import Predictor
+
+    pred = Predictor(model)
+    t = time.perf_counter()
+    pred.set_image(image, modality="mr")
+    set_ms = 1000 * (time.perf_counter() - t)
+    direct = sam2_decoder(model, pred._features, box, image.shape)
     return {"set_image_ms": set_ms, "plain_ms": _ms(direct, repeats),
             "ours_ms": _ms(lambda: pred.predict(box=box, multimask_output=False), repeats)}  # fmt: skip
 

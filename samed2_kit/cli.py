@@ -192,7 +192,7 @@ def cmd_export(args) -> int:
         check_image_size(args.image_size, "--image-size")
     try:
         out = export_onnx(args.run, args.out, args.image_size, args.opset, args.overwrite,
-                          propagation=True)  # fmt: skip
+                          propagation=True, quantize=args.quantize)  # fmt: skip
     except ImportError as e:  # onnx missing: the message names the extra to install
         print(f"samed2 export: error: {e}", file=sys.stderr)
         return 2
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the SeriesInstanceUID to read from a DICOM folder holding several")  # fmt: skip
     pr.set_defaults(func=cmd_predict)
 
-    from samed2_kit.deploy.contract import DEFAULT_OPSET, FORMATS, OPSETS
+    from samed2_kit.deploy.contract import DEFAULT_OPSET, FORMATS, OPSETS, QUANTIZE
 
     x = sub.add_parser("export", help="export a run folder as ONNX graphs (+ manifest.json)")
     x.add_argument("run", help="run folder (model.safetensors + model.json)")
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset, {OPSETS[0]} to {OPSETS[1]} (default {DEFAULT_OPSET})")  # fmt: skip
     x.add_argument("--overwrite", action="store_true",
                    help="replace an earlier export in --out (never anything else)")  # fmt: skip
+    x.add_argument("--quantize", choices=QUANTIZE,
+                   help="int8: the image encoder quantised dynamically (faster on CPU; "
+                   "default: fp32, see docs/deploy.md)")  # fmt: skip
     x.set_defaults(func=cmd_export)
 
     i = sub.add_parser("info", help="versions and model variants")

@@ -22,6 +22,7 @@ FEATURES = DECODER_INPUTS[:3]  # the encoder outputs the decoder reads
 FORMATS = ("onnx",)  # `samed2 export --format`
 DEFAULT_OPSET = 17
 OPSETS = (14, 20)  # the graphs' needs (LayerNorm, Resize) .. torch's TorchScript exporter's max
+QUANTIZE = ("int8",)  # `samed2 export --quantize`: the image encoder(s), dynamic int8 (export.py)
 
 REEXPORT_FIX = "re-export with `samed2 export RUN --out DIR`"
 INSTALL_FIX = 'pip install "samed2-kit[export]" (in a clone: pip install -e ".[export]")'

@@ -18,6 +18,12 @@ An export folder:
                              mask-selection settings, and the preprocessing (size, mean/std,
                              intensity rules, coordinates, postprocessing)
 
+`quantize="int8"` (`samed2 export --quantize int8`) replaces the image encoder graph(s) by their
+dynamic int8 quantisation (onnxruntime's `quantize_dynamic`: MatMul weights int8 per output
+channel, activations quantised per call; `QUANT_SETTINGS`) before the digests are taken; the
+manifest's "quantization" entry records it (null: fp32). The prompt decoder and the memory graphs
+stay fp32 (their share of the time is small, their outputs are the masks).
+
 Everything is written into a temporary sibling folder that is renamed into place on success
 (`samed2_kit.utils.atomic.atomic_path`): a failed export leaves nothing (or the previous export).
 Tracing uses torch's TorchScript-based exporter (`dynamo=False`): it needs no onnxscript and gives
@@ -48,6 +54,7 @@ from samed2_kit.deploy.contract import (
     FORMAT_VERSION,
     MANIFEST,
     OPSETS,
+    QUANTIZE,
     is_export_dir,
     require,
 )
@@ -55,6 +62,12 @@ from samed2_kit.deploy.contract import (
 log = logging.getLogger(__name__)
 
 PROPAGATION_MODULE = "samed2_kit.deploy.propagation"
+# what `quantize="int8"` does to the image encoder(s): the fastest of QInt8 / QUInt8 weights, per
+# tensor / per channel, MatMul / all supported ops, measured by bench/bench_inference.py (tiny,
+# 2 CPU cores with AVX-512 VNNI + AMX): QInt8 on MatMul 1.8x faster than fp32, QUInt8 no faster,
+# Conv (ConvInteger) slower; per channel: as fast, closer to fp32
+QUANT_SETTINGS = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
+                  "per_channel": True, "op_types": ["MatMul"]}  # fmt: skip
 
 
 def check_opset(opset, what: str = "opset") -> int:
@@ -64,6 +77,14 @@ def check_opset(opset, what: str = "opset") -> int:
         raise ValueError(f"{what}={opset!r}: use an ONNX opset from {lo} to {hi} (default "
                          f"{DEFAULT_OPSET})")  # fmt: skip
     return opset
+
+
+def check_quantize(quantize, what: str = "quantize") -> str | None:
+    """`quantize` if it is None or one of `QUANTIZE`, else a ValueError naming `what`."""
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"{what}={quantize!r}: use one of {', '.join(QUANTIZE)}, or leave it out "
+                         "for fp32 graphs")  # fmt: skip
+    return quantize
 
 
 def check_out(out: str | Path, overwrite: bool = False) -> Path:
@@ -261,6 +282,46 @@ def propagation_graphs(model, folder: Path, image_size: int, opset: int) -> dict
     return entries
 
 
+class _DropQuantNotes:
+    """A logging filter dropping onnxruntime.quantization's advice records (it logs through the
+    root logger, e.g. "Please consider to run pre-processing before quantization")."""
+
+    def filter(self, record) -> bool:
+        return "onnxruntime" not in record.pathname or "quantization" not in record.pathname
+
+
+def quantize_encoders(folder: Path, entries: dict, quantize: str) -> dict:
+    """Replace the image encoder graph(s) in `folder` by their dynamic int8 quantisation
+    (`QUANT_SETTINGS`), each written to a temporary file first; returns the manifest's
+    "quantization" entry. `entries` ({graph name: manifest entry}) is updated with the new files'
+    digests, inputs and outputs (the encoder's I/O stays float32)."""
+    import logging
+
+    ort = require("onnxruntime")
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    s = QUANT_SETTINGS
+    done = []
+    root = logging.getLogger()
+    drop = _DropQuantNotes()
+    root.addFilter(drop)
+    try:
+        for name in (ENCODER, CLIP_ENCODER):
+            if name not in entries:
+                continue
+            path = folder / entries[name]["file"]
+            tmp = path.with_name(f".{path.name}.int8")
+            quantize_dynamic(path, tmp, weight_type=getattr(QuantType, s["weight_type"]),
+                             per_channel=s["per_channel"], op_types_to_quantize=s["op_types"])  # fmt: skip
+            tmp.replace(path)
+            keep = {k: v for k, v in entries[name].items() if k == "clip_len"}
+            entries[name] = graph_entry(path, **keep, quantized=quantize)
+            done.append(name)
+    finally:
+        root.removeFilter(drop)
+    return {"mode": quantize, **s, "graphs": done, "onnxruntime_version": ort.__version__}
+
+
 def preprocessing(image_size: int) -> dict:
     """What a runtime must do to an image and to prompts before the graphs, and to the outputs
     after (the torch Predictor's steps, `samed2_kit.model.predictor`)."""
@@ -312,8 +373,9 @@ def _decoder_settings(model) -> dict:
 
 
 def manifest(model, entries: dict, plan: G.SourcePlan, run: dict | None, opset: int,
-             trained_size: int) -> dict:  # fmt: skip
-    """What `manifest.json` holds (see the module docstring)."""
+             trained_size: int, quantization: dict | None = None) -> dict:  # fmt: skip
+    """What `manifest.json` holds (see the module docstring); `quantization`: what
+    `quantize_encoders` returned (None: fp32 graphs)."""
     from samed2_kit import __version__
     from samed2_kit.adapters import lora
 
@@ -338,6 +400,7 @@ def manifest(model, entries: dict, plan: G.SourcePlan, run: dict | None, opset: 
         },
         "decoder": _decoder_settings(model),
         "graphs": entries,
+        "quantization": quantization,
         "preprocessing": preprocessing(model.image_size),
     }
 
@@ -349,6 +412,7 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     overwrite: bool = False,
     propagation: bool = True,
+    quantize: str | None = None,
 ) -> Path:
     """Export a run folder (or a `SAMed2Model`) into the folder `out` (module docstring).
 
@@ -361,6 +425,9 @@ def export_onnx(
         opset: ONNX opset, `OPSETS` range.
         overwrite: replace an earlier export in `out` (never anything else).
         propagation: add volume propagation's memory graphs (when that module exists).
+        quantize: "int8": the image encoder(s) quantised dynamically to int8 after export
+            (`quantize_encoders`; needs onnxruntime); None: fp32 graphs. On test-tiny (HC18) it
+            changed box-prompt Dice by -0.001 (docs/deploy.md), so it is not the default.
 
     Returns the export folder. Errors: ValueError / FileNotFoundError naming the input and the
     fix; ImportError when onnx is missing (`pip install "samed2-kit[export]"`).
@@ -370,6 +437,9 @@ def export_onnx(
 
     require("onnx")
     check_opset(opset)
+    check_quantize(quantize)
+    if quantize is not None:
+        require("onnxruntime")
     if image_size is not None:
         check_image_size(image_size, "image_size")
     out = check_out(out, overwrite)
@@ -382,7 +452,8 @@ def export_onnx(
         entries, plan = export_graphs(traced, tmp, opset)
         if propagation:
             entries.update(propagation_graphs(traced, tmp, traced.image_size, opset))
-        meta = manifest(model, entries, plan, run, opset, trained_size)
+        quantization = quantize_encoders(tmp, entries, quantize) if quantize else None
+        meta = manifest(model, entries, plan, run, opset, trained_size, quantization)
         write_text(tmp / MANIFEST, json.dumps(meta, indent=2) + "\n")
     log.info("exported %s graphs to %s", ", ".join(entries), out)
     return out

@@ -38,219 +38,56 @@ metadata, key "samed2.propagation" (JSON: `propagation_config`).
 The image path (encoder, prompt decoder: `samed2_kit.deploy.graphs`) is another graph pair;
 `OnnxPropagation` reaches it through the small interface `ImagePath` documents
 (`OnnxModelImagePath`: through `samed2_kit.deploy.runtime.OnnxModel`).
+
+This module imports without torch: the runner is numpy + onnxruntime, and
+`OnnxPropagation.propagate_slices` propagates a box or clicks through a volume's slices with
+numpy arrays only (what docs/examples/onnx_numpy.py runs). The torch side (the graphs as torch
+modules, `export_propagation`, `TorchImagePath`, and `OnnxPropagation`'s torch-facing steps for
+`propagate_volume`) is in `samed2_kit.deploy.propagation_torch`, imported on first use; its names
+are also reachable here (`propagation.export_propagation`, ...).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-import torch
-from torch import nn
-
-from samed2_kit.model import _sam2
-from samed2_kit.types import ImageFeatures, Prompts
 
 GRAPHS = ("memory_encoder", "memory_attention")
 META_KEY = "samed2.propagation"
 DEFAULT_OPSET = 17
+NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE (= volume.sequence.NO_OBJECT_LOGIT)
+DIRECTIONS = ("both", "up", "down", "none")  # as propagate_volume's
+
+# names defined in propagation_torch (torch), reachable from here on first use
+_TORCH_NAMES = ("MemoryEncoderGraph", "MemoryAttentionGraph", "TorchImagePath",
+                "export_propagation", "propagation_config")  # fmt: skip
 
 
-class MemoryEncoderGraph(nn.Module):
-    """sam2's memory encoder and object-pointer projection of a decoded slice, on sam2's own
-    weights (I/O: the module docstring)."""
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        from samed2_kit.deploy import propagation_torch
 
-    def __init__(self, sam: nn.Module):
-        super().__init__()
-        self.sam = sam
-
-    def forward(self, image_embed, mask_logits, object_score_logits, mask_tokens, iou):
-        sam = self.sam
-        feats = ImageFeatures(image_embed, [], image_embed)  # encode_memory reads the embedding
-        memory = _sam2.encode_memory(sam, feats, mask_logits, object_score_logits)
-        best = iou.argmax(dim=-1)[:, None, None].expand(-1, 1, mask_tokens.shape[-1])
-        token = torch.gather(mask_tokens, 1, best)[:, 0]  # M = 1: token 0, as object_pointer
-        return memory, _sam2.pointer_of_token(sam, token, object_score_logits)
+        return getattr(propagation_torch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class MemoryAttentionGraph(nn.Module):
-    """sam2's memory attention over memory entries and object pointers, assembled as
-    `_sam2.attend_memory` assembles them, in real arithmetic (I/O: the module docstring)."""
-
-    def __init__(self, sam: nn.Module):
-        super().__init__()
-        self.sam = sam
-        side = int(sam.image_size) // int(sam.backbone_stride)
-        self.grid = (side, side)
-        like = torch.zeros(1, int(sam.mem_dim), side, side)
-        pos = _sam2.memory_pos(sam, like).flatten(2).transpose(1, 2)[0]  # (h*w, m)
-        self.register_buffer("memory_pos", pos, persistent=False)
-
-    def forward(self, image_embed, image_pos, memory, memory_slots, pointers, pointer_positions):
-        sam = self.sam
-        b, c, h, w = image_embed.shape
-        m = memory.shape[2]
-        feats = ImageFeatures(image_embed, [], image_pos)
-        # reshapes with -1, not (un)flatten: the ONNX exporter keeps their sizes dynamic
-        curr = _sam2.raw_embed(sam, feats).reshape(b, c, -1).transpose(1, 2)  # (B, h*w, C)
-        curr_pos = image_pos.reshape(b, c, -1).transpose(1, 2)
-        mem = memory.permute(0, 1, 3, 4, 2).reshape(b, -1, m)  # (B, n*h*w, m), entry-major
-        tpos = sam.maskmem_tpos_enc[memory_slots].reshape(-1, 1, m)  # (n, 1, m)
-        pos = (self.memory_pos.to(mem.dtype)[None] + tpos).reshape(1, -1, m)  # (1, n*h*w, m)
-        pos = pos.expand(b, -1, -1)
-        extra = extra_pos = None
-        if sam.use_obj_ptrs_in_encoder:
-            ptr, ptr_pos = _sam2.pointer_tokens_at(sam, pointers, pointer_positions)
-            extra, extra_pos = ptr.transpose(0, 1), ptr_pos.transpose(0, 1)  # (B, P', m)
-        out = _sam2.attend_tokens(sam, curr, curr_pos, mem, pos, self.grid, extra, extra_pos)
-        return out.transpose(1, 2).reshape(b, c, h, w)
+def frame_slots(num_maskmem: int, recent: int) -> list[int]:
+    """Temporal-encoding slots of `recent` earlier results (most recent first: d steps back gets
+    d - 1, at most num_maskmem - 2) then of the prompted slice (num_maskmem - 1): sam2's rule,
+    `_sam2.frame_slots` without torch."""
+    top = int(num_maskmem) - 1
+    return [min(r, top - 1) for r in range(recent)] + [top]
 
 
-def propagation_config(model) -> dict:
-    """What the runner needs besides the graphs (written into both graphs' metadata):
-    image_size S, clip_len T of the encoder, num_maskmem, max_obj_ptrs_in_encoder, mem_dim,
-    hidden_dim C and use_obj_ptrs_in_encoder."""
-    sam = getattr(model, "sam", model)
-    spec = getattr(model, "spec", None)
-    return {
-        "image_size": int(sam.image_size),
-        "clip_len": int(getattr(spec, "clip_len", 1) or 1),
-        "num_maskmem": int(sam.num_maskmem),
-        "max_obj_ptrs_in_encoder": int(sam.max_obj_ptrs_in_encoder),
-        "mem_dim": int(sam.mem_dim),
-        "hidden_dim": int(sam.hidden_dim),
-        "use_obj_ptrs_in_encoder": bool(sam.use_obj_ptrs_in_encoder),
-    }
-
-
-def _examples(sam: nn.Module) -> dict[str, tuple]:
-    """(example inputs, input names, output names, dynamic axes) of each graph. The example
-    sizes differ from each other (B=2, M=3, n=3, P=5) so that none is taken for another."""
-    s, c, m = int(sam.image_size), int(sam.hidden_dim), int(sam.mem_dim)
-    side = s // int(sam.backbone_stride)
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g)
-
-    enc_in = (rnd(2, c, side, side), rnd(2, 1, s // 4, s // 4), rnd(2, 1), rnd(2, 3, c),
-              torch.rand(2, 3, generator=g))  # fmt: skip
-    slots = torch.tensor([0, 1, int(sam.num_maskmem) - 1])
-    att_in = (rnd(2, c, side, side), rnd(2, c, side, side), rnd(2, 3, m, side, side), slots,
-              rnd(5, 2, c), torch.rand(5, generator=g))  # fmt: skip
-    batch, tokens, n, p = "batch", "tokens", "memories", "pointers"
-    enc_axes = {"image_embed": {0: batch}, "mask_logits": {0: batch},
-                "object_score_logits": {0: batch}, "mask_tokens": {0: batch, 1: tokens},
-                "iou": {0: batch, 1: tokens}, "memory": {0: batch},
-                "object_pointer": {0: batch}}  # fmt: skip
-    att_axes = {"image_embed": {0: batch}, "image_pos": {0: batch},
-                "memory": {0: batch, 1: n}, "memory_slots": {0: n},
-                "pointers": {0: p, 1: batch}, "pointer_positions": {0: p},
-                "conditioned": {0: batch}}  # fmt: skip
-    return {
-        "memory_encoder": (
-            MemoryEncoderGraph(sam),
-            enc_in,
-            list(enc_axes)[:5],
-            ["memory", "object_pointer"],
-            enc_axes,
-        ),  # fmt: skip
-        "memory_attention": (
-            MemoryAttentionGraph(sam),
-            att_in,
-            list(att_axes)[:6],
-            ["conditioned"],
-            att_axes,
-        ),  # fmt: skip
-    }
-
-
-def _io(values) -> list[dict]:
-    """ONNX value infos -> [{"name", "shape" (ints; strings for dynamic axes), "dtype"}]."""
-    import onnx
-
-    out = []
-    for v in values:
-        t = v.type.tensor_type
-        shape = [d.dim_param or int(d.dim_value) for d in t.shape.dim]
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name
-        out.append({"name": v.name, "shape": shape, "dtype": dtype})
-    return out
-
-
-def _static_output_dims(proto, outs, axes: dict) -> None:
-    """Write the fixed sizes of the outputs into the graph (the exporter names them as if
-    dynamic): every axis not in `axes` takes the example output's size."""
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    for value, out in zip(proto.graph.output, outs, strict=True):
-        dynamic = axes.get(value.name, {})
-        for i, dim in enumerate(value.type.tensor_type.shape.dim):
-            if i not in dynamic:
-                dim.Clear()
-                dim.dim_value = int(out.shape[i])
-
-
-def export_propagation(model, folder, image_size: int, opset: int = DEFAULT_OPSET) -> dict:
-    """Write memory_encoder.onnx and memory_attention.onnx into `folder` (each atomically).
-
-    Args:
-        model: a SAMed2Model (or sam2's SAM2Base). folder: the export folder.
-        image_size: S, which must be the model's (the graphs hold its grid's constants).
-        opset: ONNX opset (>= 14: scaled dot-product attention).
-
-    Returns:
-        {graph name: {"file", "sha256", "inputs", "outputs"}}, inputs/outputs as lists of
-        {"name", "shape", "dtype"} (dynamic axes named: batch, tokens, memories, pointers).
-    """
-    import onnx
-
-    from samed2_kit.utils.atomic import atomic_path
-    from samed2_kit.utils.modes import evaluation
-
-    sam = getattr(model, "sam", model)
-    if int(image_size) != int(sam.image_size):
-        raise ValueError(
-            f"export_propagation: image_size={image_size} but the model was built for "
-            f"{sam.image_size}: export at the model's image size (rebuild the model to change it)"
-        )
-    if opset < 14:
-        raise ValueError(f"export_propagation: opset={opset}; give >= 14 (attention needs it)")
-    folder = Path(folder)
-    meta = json.dumps(propagation_config(model), sort_keys=True)
-    entries = {}
-    with evaluation(sam), torch.no_grad():
-        for name, (module, args, inputs, outputs, axes) in _examples(sam).items():
-            buf = io.BytesIO()
-            with (
-                warnings.catch_warnings()
-            ):  # the TorchScript exporter's deprecation and trace notes
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module.eval(), args, buf, input_names=inputs,
-                                  output_names=outputs, dynamic_axes=axes, opset_version=opset,
-                                  dynamo=False, do_constant_folding=True)  # fmt: skip
-            proto = onnx.load_model_from_string(buf.getvalue())
-            _static_output_dims(proto, module(*args), axes)
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = META_KEY, meta
-            data = proto.SerializeToString()
-            path = folder / f"{name}.onnx"
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-            entries[name] = {
-                "file": path.name,
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "inputs": _io(proto.graph.input),
-                "outputs": _io(proto.graph.output),
-            }
-    return entries
-
-
-# --- the onnxruntime runner -------------------------------------------------------------------
+def pointer_positions(max_obj_ptrs: int, distances: list[int], num_frames: int) -> np.ndarray:
+    """Relative positions (P,) float32 of object pointers `distances` slices away in a sequence of
+    `num_frames`: distance / max(min(num_frames, max_obj_ptrs) - 1, 1) (`_sam2.pointer_positions`
+    without torch)."""
+    t_max = max(min(int(num_frames), int(max_obj_ptrs)) - 1, 1)
+    return np.asarray(distances, np.float32).reshape(-1) / np.float32(t_max)
 
 
 class ImagePath:
@@ -279,35 +116,6 @@ class ImagePath:
 
     def decode(self, feats: dict, points, labels, mask_input) -> dict[str, np.ndarray]:
         raise NotImplementedError
-
-
-class TorchImagePath(ImagePath):
-    """`ImagePath` on a torch SAMed2Model (CPU; run in eval mode, its modes restored): the ONNX
-    memory graphs with torch's image path."""
-
-    def __init__(self, model):
-        self.model = model
-
-    @torch.no_grad()
-    def encode(self, images: np.ndarray, clip_len: int) -> dict[str, np.ndarray]:
-        from samed2_kit.utils.modes import evaluation
-
-        with evaluation(self.model):
-            f = self.model.encode(torch.from_numpy(images), clip_len=clip_len)
-        return dict(zip(self.FEATURES, (_np(t) for t in (f.image_embed, *f.high_res, f.pos)),
-                        strict=True))  # fmt: skip
-
-    @torch.no_grad()
-    def decode(self, feats: dict, points, labels, mask_input) -> dict[str, np.ndarray]:
-        f = _features(feats)
-        t = lambda a: None if a is None else torch.from_numpy(a)  # noqa: E731
-        from samed2_kit.utils.modes import evaluation
-
-        with evaluation(self.model):
-            res = self.model.decode(f, Prompts(t(points), t(labels), masks=t(mask_input)), False,
-                                    use_memory=False)  # fmt: skip
-        out = (res.low_res_logits, res.iou, res.object_score_logits, res.tokens)
-        return dict(zip(self.DECODED, (_np(x) for x in out), strict=True))
 
 
 class OnnxModelImagePath(ImagePath):
@@ -393,12 +201,18 @@ class OnnxPropagation:
                 "written by export_propagation; export the model again"
             )
         self.config = json.loads(meta[META_KEY])
-        self._sam = SimpleNamespace(**self.config)  # what _sam2's slot/position rules read
         self.image_size = int(self.config["image_size"])
         self.clip_len = int(self.config["clip_len"])
+        self.num_maskmem = int(self.config["num_maskmem"])
         self.max_obj_ptrs = int(self.config["max_obj_ptrs_in_encoder"])
-        self.device = torch.device("cpu")
         self.image_path = image_path
+
+    @property
+    def device(self):
+        """torch.device("cpu"): where `propagate_volume` puts the tensors it hands the steps."""
+        import torch
+
+        return torch.device("cpu")
 
     # graphs, numpy in and out
     def encode_memory(self, image_embed, mask_logits, object_score_logits, mask_tokens, iou):
@@ -415,95 +229,193 @@ class OnnxPropagation:
                 "pointer_positions": np.asarray(pointer_positions, np.float32)}  # fmt: skip
         return _run(self.sessions["memory_attention"], feed, "memory_attention.onnx")[0]
 
-    # the steps of volume propagation (torch tensors in and out, as `volume.sequence`'s)
-    def encode(self, images: torch.Tensor, clip_len: int) -> ImageFeatures:
-        return _features(self.image_path.encode(_np(images), clip_len))
-
-    def prompted(self, feats: ImageFeatures, prompts: Prompts):
-        """A prompted slice (`volume.sequence.prompted` without corrective rounds)."""
-        from samed2_kit.volume.sequence import SliceResult
-
-        coords, labels = _points(prompts)
-        masks = None if prompts.masks is None else _np(prompts.masks)
-        res = self.image_path.decode(_feature_dict(feats), coords, labels, masks)
+    # one slice, numpy in and out ({RESULT_KEYS}: see `slice_arrays`)
+    def prompted_arrays(self, feats: dict, points, labels, mask_input) -> dict:
+        """A prompted slice: the decoder on `feats` (`ImagePath.FEATURES`, one image) with
+        points (1, N, 2) float32 in model-input pixels and labels (1, N) int64 (box corners 2 / 3
+        first, then clicks; no padding point: the decoder adds it), or None, and mask_input
+        (1, 1, S/4, S/4) logits or None; then its memory features and object pointer
+        (`volume.sequence.prompted` without corrective rounds). Returns `slice_arrays`."""
+        res = self.image_path.decode(feats, points, labels, mask_input)
         low, obj = res["low_res_logits"], res["object_score_logits"]
-        memory, pointer = self.encode_memory(_np(feats.image_embed), low, obj,
-                                             res["mask_tokens"], res["iou"])  # fmt: skip
-        low, iou, obj = (torch.from_numpy(res[k]) for k in ("low_res_logits", "iou",
-                                                            "object_score_logits"))  # fmt: skip
-        return SliceResult(low, low, iou, obj, torch.from_numpy(memory),
-                           torch.from_numpy(pointer))  # fmt: skip
+        memory, pointer = self.encode_memory(feats["image_embed"], low, obj, res["mask_tokens"],
+                                             res["iou"])  # fmt: skip
+        return slice_arrays(low, low, res["iou"], obj, memory, pointer)
 
-    def from_mask(self, feats: ImageFeatures, low: torch.Tensor, obj: torch.Tensor):
-        """A slice whose result is given as logits `low` (B, 1, S/4, S/4) and object score
-        `obj` (B, 1): the decoder runs on the mask only for the object pointer."""
-        from samed2_kit.volume.sequence import SliceResult
+    def from_mask_arrays(self, feats: dict, low: np.ndarray, obj: np.ndarray) -> dict:
+        """A slice whose result is given: logits `low` (1, 1, S/4, S/4), object score `obj`
+        (1, 1); the decoder runs on the mask only for the object pointer."""
+        res = self.image_path.decode(feats, None, None, low)
+        memory, pointer = self.encode_memory(feats["image_embed"], low, obj, res["mask_tokens"],
+                                             res["iou"])  # fmt: skip
+        return slice_arrays(low, low, res["iou"], obj, memory, pointer)
 
-        res = self.image_path.decode(_feature_dict(feats), None, None, _np(low))
-        memory, pointer = self.encode_memory(_np(feats.image_embed), _np(low), _np(obj),
-                                             res["mask_tokens"], res["iou"])  # fmt: skip
-        return SliceResult(low, low, torch.from_numpy(res["iou"]), obj,
-                           torch.from_numpy(memory), torch.from_numpy(pointer))  # fmt: skip
-
-    def propagated(self, feats: ImageFeatures, memory: torch.Tensor | None, pointers):
-        """An unprompted slice (`volume.sequence.propagated`, one image): memory (n, m, h, w)
-        newest first, the prompted slice's last, or None; pointers ((P, 1, C), distances,
-        sequence length) or None."""
-        from samed2_kit.volume.sequence import NO_OBJECT_LOGIT, SliceResult
-
-        embed = _np(feats.image_embed)
+    def propagated_arrays(self, feats: dict, memory: np.ndarray | None = None,
+                          pointers: np.ndarray | None = None,
+                          positions: np.ndarray | None = None) -> dict:  # fmt: skip
+        """An unprompted slice (`volume.sequence.propagated`, one image): its embedding
+        conditioned by memory attention on `memory` (n, m, h, w), newest first with the prompted
+        slice's last (None: no memory, the embedding as is), and object `pointers` (P, 1, C) at
+        relative `positions` (P,) (`pointer_positions`; None: none); decoded with sam2's padding
+        point as the only prompt; logits set to NO_OBJECT_LOGIT where the object score <= 0,
+        the memory made of those. Returns `slice_arrays`."""
+        embed = feats["image_embed"]
         cond = embed
         if memory is not None:
-            slots = _sam2.frame_slots(self._sam, len(memory) - 1)
+            slots = frame_slots(self.num_maskmem, len(memory) - 1)
             c = embed.shape[1]
             ptr, rel = np.zeros((0, 1, c), np.float32), np.zeros((0,), np.float32)
             if pointers is not None:
-                ptr = _np(pointers[0])
-                rel = _sam2.pointer_positions(self._sam, pointers[1], pointers[2]).numpy()
-            cond = self.attend(embed, _np(feats.pos), _np(memory)[None], slots, ptr, rel)
-        d = _feature_dict(feats)
-        d["image_embed"] = cond
+                ptr, rel = np.asarray(pointers, np.float32), np.asarray(positions, np.float32)
+            memory = np.ascontiguousarray(memory, dtype=np.float32)[None]
+            cond = self.attend(embed, feats["pos"], memory, slots, ptr, rel)
         pad = np.zeros((1, 1, 2), np.float32), -np.ones((1, 1), np.int64)  # sam2's padding point
-        res = self.image_path.decode(d, *pad, None)
+        res = self.image_path.decode({**feats, "image_embed": cond}, *pad, None)
         raw, obj = res["low_res_logits"], res["object_score_logits"]
         low = np.where(obj[..., None, None] > 0, raw, np.float32(NO_OBJECT_LOGIT))
         low = low.astype(np.float32)
         mem, pointer = self.encode_memory(embed, low, obj, res["mask_tokens"], res["iou"])
-        t = torch.from_numpy
-        return SliceResult(t(raw), t(low), t(res["iou"]), t(obj), t(mem), t(pointer))
+        return slice_arrays(raw, low, res["iou"], obj, mem, pointer)
+
+    # a whole volume, numpy only
+    def propagate_slices(self, image, num_slices: int, start: int, *, box=None, points=None,
+                         labels=None, direction: str = "both",
+                         memory_frames: int = 6) -> np.ndarray:  # fmt: skip
+        """Segment one object through `num_slices` slices from a box and/or clicks on slice
+        `start`, with numpy and onnxruntime only (no torch): what `propagate_volume(...,
+        backend="onnx")` does for one prompted slice, slice by slice (tested to give the same
+        logits).
+
+        Args:
+            image: image(z) -> slice z as the encoder's input, (3, S, S) or (1, 3, S, S) float32
+                ImageNet-normalised (manifest["preprocessing"]; `runtime.model_input`); called
+                once per visited slice.
+            num_slices: Z. start: the prompted slice, 0 <= start < Z.
+            box: (4,) x0, y0, x1, y1 and/or points (N, 2) x, y with labels (N,) 1 / 0 (default
+                all 1), in model-input pixels (0..S).
+            direction: "both", "up" (towards higher z), "down", or "none" (the prompted slice
+                only). memory_frames: recent results each slice attends to besides the prompted
+                slice's (0: none, and no object pointers).
+
+        Returns:
+            (Z, S/4, S/4) float32 low-res logits: the prompted slice's, each propagated slice's
+            (NO_OBJECT_LOGIT where the object score says "absent"), NO_OBJECT_LOGIT on slices
+            not visited. Upsample to the slice size and threshold at 0 (`runtime.upsample_logits`).
+        """
+        n, start = int(num_slices), int(start)
+        if direction not in DIRECTIONS:
+            raise ValueError(f"propagate_slices: direction={direction!r}: one of {DIRECTIONS}")
+        if not 0 <= start < n:
+            raise ValueError(f"propagate_slices: start={start} is not in 0..{n - 1} "
+                             f"(num_slices={n})")  # fmt: skip
+        if isinstance(memory_frames, bool) or not isinstance(memory_frames, int | np.integer) or \
+                memory_frames < 0:  # fmt: skip
+            raise ValueError(f"propagate_slices: memory_frames={memory_frames!r}: give an "
+                             "integer >= 0")  # fmt: skip
+        coords, labs = _prompt_points(box, points, labels)
+        low = self.image_size // 4
+        out = np.full((n, low, low), np.float32(NO_OBJECT_LOGIT), np.float32)
+
+        def feats(z: int) -> dict:
+            x = np.asarray(image(z), np.float32).reshape(1, 3, self.image_size, self.image_size)
+            return self.image_path.encode(x, 1)
+
+        first = self.prompted_arrays(feats(start), coords, labs, None)
+        out[start] = first["low_res_logits"][0, 0]
+        passes = []
+        if direction in ("both", "up"):
+            passes.append(range(start + 1, n))
+        if direction in ("both", "down"):
+            passes.append(range(start - 1, -1, -1))
+        limit = min(n, self.max_obj_ptrs) - 1  # as sequence.Pass.begin
+        for zs in passes:
+            mems, ptrs, seen = [], [], 0  # newest first, as sequence.Pass
+            for z in zs:
+                given = {}
+                if memory_frames:
+                    distances = [seen + 1, *range(1, len(ptrs) + 1)]
+                    given = {"memory": np.stack([*mems, first["memory"][0]]),
+                             "pointers": np.stack([first["pointer"], *ptrs]),
+                             "positions": pointer_positions(self.max_obj_ptrs, distances, n)}  # fmt: skip
+                res = self.propagated_arrays(feats(z), **given)
+                out[z] = res["low_res_logits"][0, 0]
+                mems = [res["memory"][0], *mems][:memory_frames]
+                ptrs = [res["pointer"], *ptrs][:limit]
+                seen += 1
+        return out
+
+    # the steps of `propagate_volume` (torch tensors in and out, as `volume.sequence`'s)
+    def encode(self, images, clip_len: int):
+        from samed2_kit.deploy.propagation_torch import as_array, features_of
+
+        return features_of(self.image_path.encode(as_array(images), clip_len))
+
+    def prompted(self, feats, prompts):
+        """A prompted slice (`volume.sequence.prompted` without corrective rounds)."""
+        from samed2_kit.deploy.propagation_torch import (
+            as_array,
+            feature_arrays,
+            prompt_points,
+            slice_result,
+        )
+
+        coords, labels = prompt_points(prompts)
+        masks = None if prompts.masks is None else as_array(prompts.masks)
+        return slice_result(self.prompted_arrays(feature_arrays(feats), coords, labels, masks))
+
+    def from_mask(self, feats, low, obj):
+        """A slice whose result is given as logits `low` (B, 1, S/4, S/4) and object score
+        `obj` (B, 1) tensors (`from_mask_arrays`)."""
+        from samed2_kit.deploy.propagation_torch import as_array, feature_arrays, slice_result
+
+        arrays = self.from_mask_arrays(feature_arrays(feats), as_array(low), as_array(obj))
+        return slice_result(arrays)
+
+    def propagated(self, feats, memory, pointers):
+        """An unprompted slice (`volume.sequence.propagated`, one image): memory (n, m, h, w)
+        newest first, the prompted slice's last, or None; pointers ((P, 1, C), distances,
+        sequence length) or None (`sequence.Pass.context`)."""
+        from samed2_kit.deploy.propagation_torch import as_array, feature_arrays, slice_result
+
+        given = {}
+        if memory is not None:
+            given["memory"] = as_array(memory)
+            if pointers is not None:
+                ptr, distances, num_frames = pointers
+                given["pointers"] = as_array(ptr)
+                given["positions"] = pointer_positions(self.max_obj_ptrs, distances, num_frames)
+        return slice_result(self.propagated_arrays(feature_arrays(feats), **given))
 
 
-def _np(t) -> np.ndarray:
-    """A tensor (or array) as a contiguous float32/int64 numpy array."""
-    a = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-    return np.ascontiguousarray(a.astype(np.float32) if a.dtype.kind == "f" else a)
+RESULT_KEYS = ("raw_logits", "low_res_logits", "iou", "object_score_logits", "memory", "pointer")
 
 
-def _features(d: dict) -> ImageFeatures:
-    t = torch.from_numpy
-    return ImageFeatures(t(d["image_embed"]), [t(d["high_res_0"]), t(d["high_res_1"])],
-                         t(d["pos"]))  # fmt: skip
+def slice_arrays(raw, low, iou, obj, memory, pointer) -> dict[str, np.ndarray]:
+    """One slice's result as numpy arrays, keyed as `volume.sequence.SliceResult`'s fields
+    (`RESULT_KEYS`): raw_logits (B, 1, S/4, S/4) the decoder's; low_res_logits the same, set to
+    NO_OBJECT_LOGIT where the object is absent (propagated slices); iou (B, 1);
+    object_score_logits (B, 1); memory (B, m, h, w); pointer (B, C)."""
+    return dict(zip(RESULT_KEYS, (raw, low, iou, obj, memory, pointer), strict=True))
 
 
-def _feature_dict(f: ImageFeatures) -> dict[str, np.ndarray]:
-    return dict(zip(ImagePath.FEATURES, (_np(t) for t in (f.image_embed, *f.high_res, f.pos)),
-                    strict=True))  # fmt: skip
-
-
-def _points(p: Prompts) -> tuple:
-    """Prompts -> (points (B, N, 2) float32, labels (B, N) int64) or (None, None): box corners
-    labelled 2 / 3 first, then the clicks (`_sam2.embed_prompts`' rule)."""
-    coords, labels = [], []
-    if p.boxes is not None:
-        b = _np(p.boxes).reshape(-1, 2, 2)
-        coords.append(b)
-        labels.append(np.tile(np.array([[2, 3]], np.int64), (len(b), 1)))
-    if p.points is not None:
-        coords.append(_np(p.points))
-        labels.append(_np(p.point_labels).astype(np.int64))
+def _prompt_points(box, points, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(points (1, N, 2) float32, labels (1, N) int64): box corners labelled 2 / 3 first, then
+    the clicks (`propagation_torch.prompt_points`' layout); ValueError when neither is given."""
+    coords, labs = [], []
+    if box is not None:
+        coords.append(np.asarray(box, np.float32).reshape(2, 2))
+        labs.append(np.array([2, 3], np.int64))
+    if points is not None:
+        pts = np.asarray(points, np.float32).reshape(-1, 2)
+        coords.append(pts)
+        lab = np.ones(len(pts), np.int64) if labels is None else np.asarray(labels, np.int64)
+        if lab.shape != (len(pts),):
+            raise ValueError(f"propagate_slices: {len(pts)} points but labels of shape "
+                             f"{lab.shape}: give one label (1 / 0) per point")  # fmt: skip
+        labs.append(lab)
     if not coords:
-        return None, None
-    return np.concatenate(coords, axis=1), np.concatenate(labels, axis=1)
+        raise ValueError("propagate_slices: give a box=(x0, y0, x1, y1) and/or points=[[x, y]]")
+    return np.concatenate(coords)[None], np.concatenate(labs)[None]
 
 
 def _session(path: Path, providers=None):

@@ -149,6 +149,56 @@ def select_masks(
             np.where(stable, single_iou, best_iou))  # fmt: skip
 
 
+def model_input(image01: np.ndarray, preprocessing: dict) -> np.ndarray:
+    """An image in [0, 1] as the encoder's input, without torch: (H, W) grey or (H, W, 3) float
+    -> (1, 3, S, S) float32, resized to S x S (bilinear with antialiasing: PIL's, which torch's
+    `antialias=True` reproduces; within 3e-7 of `medbank.preprocess.to_model_input`), then
+    (x - mean) / std per channel. `preprocessing`: the manifest's entry (image_size, mean, std).
+    Map intensities to [0, 1] first (`medbank.preprocess.normalize_intensity`, torch-free)."""
+    from PIL import Image
+
+    x = np.asarray(image01, np.float32)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim != 3 or x.shape[2] not in (1, 3):
+        raise ValueError(f"model_input: expected an (H, W) or (H, W, 3) image in [0, 1], got "
+                         f"shape {x.shape}; map intensities with normalize_intensity first")  # fmt: skip
+    s = int(preprocessing["image_size"])
+    chans = [x[..., c] for c in range(x.shape[2])]
+    if x.shape[:2] != (s, s):
+        chans = [np.asarray(Image.fromarray(np.ascontiguousarray(c), mode="F").resize(
+            (s, s), Image.BILINEAR)) for c in chans]  # fmt: skip
+    out = np.stack(chans * (3 // len(chans)))  # grey -> 3 channels
+    mean = np.asarray(preprocessing["mean"], np.float32)[:, None, None]
+    std = np.asarray(preprocessing["std"], np.float32)[:, None, None]
+    return ((out - mean) / std).astype(np.float32)[None]
+
+
+def _bilinear_axis(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices i0, i1 and weights w0, w1 (float32) of one axis resized n_in -> n_out,
+    bilinear with align_corners=False, as torch computes them: float32 scale n_in / n_out, source
+    (dst + 0.5) * scale - 0.5 rounded once (torch's fused multiply-add; two roundings put the
+    weights of far pixels ~1e-5 off), floored at 0."""
+    scale = np.float64(np.float32(n_in) / np.float32(n_out))
+    src = ((np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(src.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0.astype(np.float32)).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def upsample_logits(low: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Low-res logits (..., h, w) -> (..., height, width) float32, bilinear with
+    align_corners=False and no antialiasing, without torch: what the Predictor does with
+    `F.interpolate` (tested equal to 1e-5); threshold at 0 for the mask."""
+    x = np.asarray(low, np.float32)
+    h0, h1, hw0, hw1 = _bilinear_axis(x.shape[-2], int(height))
+    w0, w1, ww0, ww1 = _bilinear_axis(x.shape[-1], int(width))
+    cols = x[..., w0] * ww0 + x[..., w1] * ww1  # (..., h, width)
+    return (cols[..., h0, :] * hw0[:, None] + cols[..., h1, :] * hw1[:, None]).astype(np.float32)
+
+
 class OnnxModel:
     """The graphs of an export folder (module docstring). `manifest`: its manifest.json."""
 

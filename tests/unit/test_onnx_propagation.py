@@ -317,3 +317,86 @@ def test_backend_errors_name_the_fix(model, exported, hippo, tmp_path):
     bad = {**entries, "memory_encoder": {**entries["memory_encoder"], "sha256": "0" * 64}}
     with pytest.raises(ValueError, match="memory_encoder.onnx: sha256 .* export the model again"):
         OnnxPropagation(folder, bad, image_path=TorchImagePath(model))
+
+
+# --- 4. the runner without torch ----------------------------------------------------------------
+
+
+def test_the_runner_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport samed2_kit.deploy.propagation, samed2_kit.deploy.runtime\n"
+            "from samed2_kit.deploy.propagation import OnnxPropagation\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_slot_and_position_rules_equal_sam2s(model):
+    from samed2_kit.deploy.propagation import NO_OBJECT_LOGIT, frame_slots, pointer_positions
+    from samed2_kit.volume.sequence import NO_OBJECT_LOGIT as SEQUENCE_NO_OBJECT
+
+    sam = model.sam
+    assert NO_OBJECT_LOGIT == SEQUENCE_NO_OBJECT
+    for recent in range(10):
+        assert frame_slots(sam.num_maskmem, recent) == _sam2.frame_slots(sam, recent)
+    for n in (1, 2, 5, 16, 40):
+        d = [n, *range(1, 20)]
+        want = _sam2.pointer_positions(sam, d, n).numpy()
+        assert np.array_equal(pointer_positions(sam.max_obj_ptrs_in_encoder, d, n), want)
+
+
+def test_propagate_slices_equals_propagate_volume(model, hippo, tmp_path):
+    """`OnnxPropagation.propagate_slices` (numpy only) on an export folder gives the masks of
+    `propagate_volume(..., backend="onnx")` on the same slices: both directions, one, none, no
+    memory; box and box + click. Observed: identical."""
+    from samed2_kit.deploy.export import export_onnx
+    from samed2_kit.deploy.propagation import OnnxPropagation
+    from samed2_kit.deploy.runtime import upsample_logits
+    from samed2_kit.medbank.preprocess import to_model_input
+    from samed2_kit.volume.propagate import volume_intensity
+
+    image, label, c = hippo
+    folder = export_onnx(model, tmp_path / "onnx")
+    runner = OnnxPropagation(folder)
+    f01 = volume_intensity(image, "mr")
+    inputs = [
+        to_model_input(np.repeat(f01(z)[..., None], 3, 2), S).numpy() for z in range(len(image))
+    ]
+    h, w = image.shape[1:]
+    scale = np.array([S / w, S / h], np.float32)
+    p = _box_click(label[c])
+    cases = [({"direction": "both"}, False), ({"direction": "up", "memory_frames": 2}, True),
+             ({"direction": "down", "memory_frames": 0}, False), ({"direction": "none"}, True)]  # fmt: skip
+    for kw, click in cases:
+        prompt = Prompt(box=p.box, points=p.points, labels=p.labels) if click else Prompt(box=p.box)
+        want = propagate_volume(None, image, {c: prompt}, modality="mr", backend="onnx",
+                                export_dir=folder, **kw)  # fmt: skip
+        extra = {"points": p.points * scale, "labels": p.labels} if click else {}
+        low = runner.propagate_slices(inputs.__getitem__, len(image), c,
+                                      box=(p.box.reshape(2, 2) * scale).reshape(4), **extra, **kw)  # fmt: skip
+        got = upsample_logits(low, h, w) > 0
+        assert got.shape == want.shape and _differ(got, want) <= 1e-3, kw
+        assert got[c].any()
+        if kw["direction"] == "none":
+            assert not np.delete(got, c, 0).any()
+
+
+def test_propagate_slices_errors_name_the_fix(model, tmp_path):
+    from samed2_kit.deploy.export import export_onnx
+    from samed2_kit.deploy.propagation import OnnxPropagation
+
+    runner = OnnxPropagation(export_onnx(model, tmp_path / "onnx"))
+    x = np.zeros((3, S, S), np.float32)
+    box = np.array([10.0, 10, 50, 50])
+    bad = [({"direction": "sideways"}, "direction='sideways': one of"),
+           ({"start": 5}, r"start=5 is not in 0\.\.2"),
+           ({"memory_frames": -1}, "memory_frames=-1: give an integer >= 0"),
+           ({"box": None}, "give a box=")]  # fmt: skip
+    for kw, message in bad:
+        args = {"start": 1, "box": box} | kw
+        with pytest.raises(ValueError, match=message):
+            runner.propagate_slices(lambda z: x, 3, args.pop("start"), **args)
+    with pytest.raises(ValueError, match="2 points but labels of shape"):
+        runner.propagate_slices(lambda z: x, 3, 1, points=[[1, 2], [3, 4]], labels=[1])
