@@ -33,6 +33,7 @@ import contextlib
 import copy
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -124,6 +125,7 @@ def measure(fns: dict, repeats: int, notes: dict, what: str) -> dict[str, float]
         try:
             firsts[arm] = timed_first(fn)
             ok[arm] = fn
+            print(f"  {what}, {arm}: first call {firsts[arm]:.2f} s", file=sys.stderr, flush=True)
         except Exception as e:  # noqa: BLE001 (reported in the table)
             notes[arm] = f"{what} failed: {type(e).__name__}: {str(e)[:120]}"
     med = alternate(ok, repeats)
