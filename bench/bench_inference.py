@@ -9,21 +9,21 @@ directly (same weights, same inputs, same process).
 - prompt -> mask (ms): `Predictor.predict(box=..., multimask_output=False)` after set_image,
   including the upsampling to 800 x 540. SAM 2: its prompt encoder + mask decoder on the same
   features + the same upsampling (`bench_predict.sam2_decoder`).
-- propagation (slices/s): `propagate_volume` from a box on slice 0 up through the bundled brain
-  MR (`bench_predict.BRAIN`), encoder included. SAM 2: `SAM2Base.track_step` slice after slice
-  (`bench_predict.sam2_video`).
+- propagation (slices/s): `propagate_volume` from a box on slice 0 up through the first
+  `--slices` slices of the bundled brain MR (`bench_predict.BRAIN`), encoder included. SAM 2:
+  `SAM2Base.track_step` slice after slice (`bench_predict.sam2_video`).
 
 Times are medians of interleaved calls after a warm-up call each (`_common.alternate`); "x SAM 2" is
 SAM 2's time over the arm's (> 1: faster). torch.compile compiles the image encoder, prompt
 encoder, mask decoder, memory attention and memory encoder in place (`nn.Module.compile`); its
-compile time is the first call's time less the median. An arm that fails is left out, its reason
-in the notes. Also printed: the int8 variants tried on the encoder alone (QInt8 / QUInt8 weights,
-per tensor / per channel, MatMul only / every op quantize_dynamic takes), and with `--dice RUN`
-the box-prompt Dice of a trained run on its test split through torch (fp32, bf16) and the fp32
-and int8 exports.
+compile time is the first call's time less the median, with a fresh inductor cache. An arm that
+fails is left out, its reason in the notes. Also printed: the int8 variants tried on the encoder
+alone (QInt8 / QUInt8 weights, per tensor / per channel, MatMul only / every op quantize_dynamic
+takes), and with `--dice RUN` the box-prompt Dice of a trained run on its test split through
+torch (fp32, bf16) and the fp32 and int8 exports.
 
     .venv/bin/python bench/bench_inference.py [--variant tiny] [--sizes 512,1024] [--repeats 10]
-        [--no-compile] [--dice runs/quickstart]
+        [--prop-repeats 1] [--slices 12] [--no-compile] [--dice runs/quickstart]
 """
 
 from __future__ import annotations
@@ -136,14 +136,17 @@ def measure(fns: dict, repeats: int, notes: dict, what: str) -> dict[str, float]
     return med
 
 
-def one_size(variant: str, size: int, repeats: int, compile_: bool, image, volume, slices01):
+def one_size(variant: str, size: int, repeats: tuple[int, int], compile_: bool, image, volume,
+             slices01):  # fmt: skip
     """{measure: {arm: seconds (slices/s for propagation)}}, notes, and the quantisation
-    variants table rows, at `size` px."""
+    variants table rows, at `size` px. repeats: (timed calls, timed propagations) per arm."""
     from samed2_kit.deploy.export import export_onnx
     from samed2_kit.medbank.preprocess import normalize_intensity, to_model_input
     from samed2_kit.model import build_model
     from samed2_kit.volume import propagate_volume
 
+    repeats, prop_repeats = repeats
+    torch._dynamo.reset()  # else the second size recompiles everything with dynamic shapes
     torch.manual_seed(0)
     model = build_model(variant, image_size=size).eval()
     tmp = Path(tempfile.mkdtemp(prefix="bench_inference_"))
@@ -185,7 +188,7 @@ def one_size(variant: str, size: int, repeats: int, compile_: bool, image, volum
             run = lambda m=p.model: propagate_volume(m, volume, prompts, modality="mr",  # noqa: E731
                                                      direction="up")  # fmt: skip
         fns[arm] = in_context(ctx, run)
-    secs = measure(fns, max(1, repeats // 5), notes, "propagation")
+    secs = measure(fns, prop_repeats, notes, "propagation")
     res["propagation"] = {a: z / t for a, t in secs.items()}
     quant = quant_variants(exports["onnxruntime fp32"], x.numpy(), repeats)
     return res, notes, quant
@@ -266,15 +269,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--variant", default="tiny")
     p.add_argument("--sizes", default="512,1024")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per arm (propagation: "
-                   "repeats // 5, at least 1)")  # fmt: skip
-    p.add_argument("--slices", type=int, default=0, help="the volume's first N slices (0: all)")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per arm")
+    p.add_argument("--prop-repeats", type=int, default=1, help="timed propagations per arm")
+    p.add_argument("--slices", type=int, default=12, help="the volume's first N slices (0: all)")
     p.add_argument("--no-compile", action="store_true", help="leave the torch.compile arm out")
     p.add_argument("--dice", metavar="RUN", help="also: box-prompt Dice of this run folder's "
                    "test split, fp32 vs int8 export")  # fmt: skip
     p.add_argument("--store", help="the store --dice evaluates (default: the run's)")
     args = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 2)))
+    # a fresh inductor cache: torch.compile's compile time is a cold one, not a cache hit
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_inference_inductor_")
     logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's advice on the root logger
     import onnxruntime
     from PIL import Image
@@ -293,8 +298,9 @@ def main() -> None:
           f"{cpu_line()}; load {os.getloadavg()[0]:.2f}; image {HC18.name} {image.shape[1]} x "
           f"{image.shape[0]}, volume {BRAIN.name} {len(slices01)} slices")  # fmt: skip
     sizes = [int(s) for s in args.sizes.split(",")]
-    results = {s: one_size(args.variant, s, args.repeats, not args.no_compile, image, volume,
-                           slices01) for s in sizes}  # fmt: skip
+    reps = (args.repeats, args.prop_repeats)
+    results = {s: one_size(args.variant, s, reps, not args.no_compile, image, volume, slices01)
+               for s in sizes}  # fmt: skip
 
     print("\n| px | arm | set_image | x SAM 2 | x torch fp32 | prompt -> mask | x SAM 2 | "
           "propagation | x SAM 2 | notes |")  # fmt: skip

@@ -4,6 +4,11 @@ in `samed2_kit.deploy.graphs`), and the fixes error messages name."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+
 FORMAT = "samed2-onnx"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -23,6 +28,10 @@ FORMATS = ("onnx",)  # `samed2 export --format`
 DEFAULT_OPSET = 17
 OPSETS = (14, 20)  # the graphs' needs (LayerNorm, Resize) .. torch's TorchScript exporter's max
 QUANTIZE = ("int8",)  # `samed2 export --quantize`: the image encoder(s), dynamic int8 (export.py)
+
+# propagation (deploy.propagation runs it, deploy.propagation_torch exports it)
+META_KEY = "samed2.propagation"  # metadata key of memory_encoder.onnx / memory_attention.onnx
+RESULT_KEYS = ("raw_logits", "low_res_logits", "iou", "object_score_logits", "memory", "pointer")
 
 REEXPORT_FIX = "re-export with `samed2 export RUN --out DIR`"
 INSTALL_FIX = 'pip install "samed2-kit[export]" (in a clone: pip install -e ".[export]")'
@@ -52,3 +61,31 @@ def is_export_dir(path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+class ImagePath:
+    """The image half of the ONNX path as `OnnxPropagation` calls it (numpy in, numpy out). Any
+    object with these two methods will do (`TorchImagePath`: the torch model's; the default,
+    `OnnxModelImagePath`: the export folder's image_encoder.onnx and prompt_decoder.onnx).
+
+    encode(images (B, 3, S, S) float32 ImageNet-normalised, clip_len T) -> {"image_embed":
+        (B, C, h, w) with `no_mem_embed` added, "high_res_0": (B, C/8, 4h, 4w), "high_res_1":
+        (B, C/4, 2h, 2w), "pos": (B, C, h, w)}: `SAMed2Model.encode` (B = clips * T).
+    decode(feats (those four keys; image_embed possibly memory-conditioned), points (B, N, 2)
+        float32 in model-input pixels or None, labels (B, N) int64 (1 / 0 clicks, -1 padding,
+        2 / 3 box corners, placed first; sam2's own padding point is the decoder's to add, as
+        sam2's prompt encoder adds it) or None, mask_input (B, 1, S/4, S/4) float32 logits or
+        None) -> {"low_res_logits": (B, 1, S/4, S/4), "iou": (B, 1), "object_score_logits":
+        (B, 1), "mask_tokens": (B, M, C)}: `SAMed2Model.decode(feats, Prompts(points, labels,
+        masks=mask_input), multimask_output=False, use_memory=False)` (single mask, with sam2's
+        fallback to the best of three when unstable; the tokens the object pointer is made of).
+    """
+
+    FEATURES = ("image_embed", "high_res_0", "high_res_1", "pos")
+    DECODED = ("low_res_logits", "iou", "object_score_logits", "mask_tokens")
+
+    def encode(self, images: np.ndarray, clip_len: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def decode(self, feats: dict, points, labels, mask_input) -> dict[str, np.ndarray]:
+        raise NotImplementedError

@@ -55,9 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
+from samed2_kit.deploy.contract import DEFAULT_OPSET, META_KEY, RESULT_KEYS, ImagePath  # noqa: F401
+
 GRAPHS = ("memory_encoder", "memory_attention")
-META_KEY = "samed2.propagation"
-DEFAULT_OPSET = 17
 NO_OBJECT_LOGIT = -1024.0  # sam2's NO_OBJ_SCORE (= volume.sequence.NO_OBJECT_LOGIT)
 DIRECTIONS = ("both", "up", "down", "none")  # as propagate_volume's
 
@@ -88,34 +88,6 @@ def pointer_positions(max_obj_ptrs: int, distances: list[int], num_frames: int) 
     without torch)."""
     t_max = max(min(int(num_frames), int(max_obj_ptrs)) - 1, 1)
     return np.asarray(distances, np.float32).reshape(-1) / np.float32(t_max)
-
-
-class ImagePath:
-    """The image half of the ONNX path as `OnnxPropagation` calls it (numpy in, numpy out). Any
-    object with these two methods will do (`TorchImagePath`: the torch model's; the default,
-    `OnnxModelImagePath`: the export folder's image_encoder.onnx and prompt_decoder.onnx).
-
-    encode(images (B, 3, S, S) float32 ImageNet-normalised, clip_len T) -> {"image_embed":
-        (B, C, h, w) with `no_mem_embed` added, "high_res_0": (B, C/8, 4h, 4w), "high_res_1":
-        (B, C/4, 2h, 2w), "pos": (B, C, h, w)}: `SAMed2Model.encode` (B = clips * T).
-    decode(feats (those four keys; image_embed possibly memory-conditioned), points (B, N, 2)
-        float32 in model-input pixels or None, labels (B, N) int64 (1 / 0 clicks, -1 padding,
-        2 / 3 box corners, placed first; sam2's own padding point is the decoder's to add, as
-        sam2's prompt encoder adds it) or None, mask_input (B, 1, S/4, S/4) float32 logits or
-        None) -> {"low_res_logits": (B, 1, S/4, S/4), "iou": (B, 1), "object_score_logits":
-        (B, 1), "mask_tokens": (B, M, C)}: `SAMed2Model.decode(feats, Prompts(points, labels,
-        masks=mask_input), multimask_output=False, use_memory=False)` (single mask, with sam2's
-        fallback to the best of three when unstable; the tokens the object pointer is made of).
-    """
-
-    FEATURES = ("image_embed", "high_res_0", "high_res_1", "pos")
-    DECODED = ("low_res_logits", "iou", "object_score_logits", "mask_tokens")
-
-    def encode(self, images: np.ndarray, clip_len: int) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def decode(self, feats: dict, points, labels, mask_input) -> dict[str, np.ndarray]:
-        raise NotImplementedError
 
 
 class OnnxModelImagePath(ImagePath):
@@ -385,9 +357,6 @@ class OnnxPropagation:
                 given["pointers"] = as_array(ptr)
                 given["positions"] = pointer_positions(self.max_obj_ptrs, distances, num_frames)
         return slice_result(self.propagated_arrays(feature_arrays(feats), **given))
-
-
-RESULT_KEYS = ("raw_logits", "low_res_logits", "iou", "object_score_logits", "memory", "pointer")
 
 
 def slice_arrays(raw, low, iou, obj, memory, pointer) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from samed2_kit.deploy.propagation import DEFAULT_OPSET, META_KEY, RESULT_KEYS, ImagePath
+from samed2_kit.deploy.contract import DEFAULT_OPSET, META_KEY, RESULT_KEYS, ImagePath
 from samed2_kit.model import _sam2
 from samed2_kit.types import ImageFeatures, Prompts
 
