@@ -281,9 +281,35 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: fp32, see docs/deploy.md)")  # fmt: skip
     x.set_defaults(func=cmd_export)
 
+    a = sub.add_parser("app", help="the interactive app in the browser (127.0.0.1)")
+    a.add_argument("run", nargs="?", default="runs/quickstart",
+                   help="run folder or export folder (default: runs/quickstart)")  # fmt: skip
+    a.add_argument("--data", metavar="DIR", help="a folder of images/volumes the page lists")
+    a.add_argument("--examples", metavar="DIR", default="samed2-annotations",
+                   help="where 'save as training example' writes (a medbank source + spec)")  # fmt: skip
+    a.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one from 7860)")
+    a.add_argument("--backend", default="auto", choices=("auto", "torch", "onnx"),
+                   help="auto: onnxruntime when installed (exported once at start), else torch")  # fmt: skip
+    a.add_argument("--max-upload-mb", type=int, help="upload size limit (default 512)")
+    a.set_defaults(func=cmd_app)
+
     i = sub.add_parser("info", help="versions and model variants")
     i.set_defaults(func=cmd_info)
     return p
+
+
+def cmd_app(args) -> int:
+    from samed2_kit.app import serve
+
+    if not Path(args.run).is_dir():
+        raise FileNotFoundError(f"{args.run} is not a folder: pass a run folder (`samed2 "
+                                "quickstart` writes runs/quickstart) or an export folder")  # fmt: skip
+    try:
+        serve(args.run, data=args.data, examples=args.examples, port=args.port,
+              backend=args.backend, block=True, max_upload_mb=args.max_upload_mb)  # fmt: skip
+    except ImportError as e:
+        raise ValueError(str(e)) from e
+    return 0
 
 
 def _not_key_value(words: list[str]) -> str:

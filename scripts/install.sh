@@ -36,8 +36,8 @@ if ! "$PY" -c "import importlib.metadata as m; assert m.version('sam2') == '1.1.
   echo "[install] sam2==1.1.0 (no deps, no build isolation, no CUDA extension)"
   SAM2_BUILD_CUDA=0 pip_install --no-deps --no-build-isolation "sam2==1.1.0"
 fi
-echo "[install] samed2-kit[dev,export] (editable)"
-pip_install -e ".[dev,export]"
+echo "[install] samed2-kit[dev,export,app] (editable)"
+pip_install -e ".[dev,export,app]"
 echo "[install] (a pip note that 'sam2 requires torchvision' is expected: torchvision is left out on purpose)"
 if "$PY" -c "import importlib.util as u; raise SystemExit(u.find_spec('torchvision') is None)"; then
   echo "[install] warning: torchvision is installed; on CPU torch it breaks 'import peft'." >&2
