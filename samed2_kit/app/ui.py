@@ -69,7 +69,7 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
 
     def view(s: Session, msg: str = ""):
         pending = s.pending is not None
-        series = gr.update(choices=[label for _, label in s.series] if pending else [],
+        series = gr.update(choices=[f"{label} ({uid})" for uid, label in s.series] if pending else [],
                            value=None, visible=pending)  # fmt: skip
         if s.opened is None:
             return (None, msg or "Open an image or a volume.", gr.update(visible=False),
@@ -125,7 +125,7 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
     def on_series(s: Session, choice, intensity):
         if not choice or s.pending is None:
             return ""
-        uid = next((u for u, label in s.series if label == choice), choice)
+        uid = next((u for u, label in s.series if f"{label} ({u})" == choice), choice)
         return open_path(s, s.pending, intensity, series_uid=uid)
 
     def on_click(s: Session, mode, auto, index):
@@ -159,7 +159,8 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
                                  elem_id="upload")  # fmt: skip
                 data = gr.Dropdown(entries, value=None, label=f"or from {data_dir}",
                                    visible=bool(entries), elem_id="data")  # fmt: skip
-                series = gr.Dropdown([], label="DICOM series", elem_id="series", visible=False)
+                series = gr.Dropdown([], label="DICOM series", elem_id="series", visible=False,
+                                     allow_custom_value=True)  # choices come per upload
                 intensity = gr.Dropdown(list(INTENSITY), value="auto", label="intensity",
                                         elem_id="intensity")  # fmt: skip
                 mode = gr.Radio(list(MODES), value="positive", label="a click adds",

@@ -219,3 +219,34 @@ def test_two_tabs_do_not_share_images_and_files_outside_are_refused(browser, app
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(url, timeout=10)
         assert e.value.code in (403, 404)
+
+
+def test_dicom_zip_with_two_series_asks_which_then_gives_a_dicom_seg(page, tmp_path):
+    import zipfile
+
+    import pydicom
+
+    from tests._dicom import write_series
+
+    study = tmp_path / "study"
+    for uid in ("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"):
+        write_series(study / uid[-1], uid, n=4, size=32)
+    zpath = tmp_path / "study.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for f in sorted(study.rglob("*.dcm")):
+            zf.write(f, f.relative_to(study).as_posix())
+    assert "pick one" in page.upload(zpath, expect="2 DICOM series")
+    page.shot("dicom_two_series")
+    before = page.status()
+    page.pg.locator("#series input").click()
+    option = page.pg.locator("[role=option]").nth(1)
+    uid = option.inner_text().strip().rsplit("(", 1)[1].rstrip(")")
+    option.click()
+    page.wait("Opened", before)
+    page.shot("dicom_series_chosen")
+    page.mode("box")
+    page.click(0.2, 0.2, expect="opposite corner")
+    page.click(0.8, 0.8)
+    seg = pydicom.dcmread(page.download("dicom-seg", tmp_path))
+    assert seg.Modality == "SEG"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
