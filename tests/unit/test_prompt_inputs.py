@@ -335,28 +335,3 @@ def test_series_uid_picks_one_series_of_a_dicom_folder(run_dir, tmp_path, capsys
     png_argv = ["predict", str(run_dir), image, "--prompts", _prompts_file(tmp_path, {"box": BOX})]
     _refused([*png_argv, "--out", str(tmp_path / "o2"), "--series-uid", UIDS[0]],
              "--series-uid picks a series of a DICOM folder", capsys, tmp_path / "o2")  # fmt: skip
-
-
-# ---- ClickSegmenter: its fixed box is checked when it is made ----
-
-
-def test_click_segmenter_checks_its_box_up_front(tiny_model):
-    """A bad box fails when the segmenter is made (not later, inside a click handler, where
-    matplotlib would only print it); a reversed one is sorted."""
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from samed2_kit.interactive import ClickSegmenter
-
-    fig, ax = plt.subplots()
-    try:
-        with pytest.raises(ValueError, match=r"ClickSegmenter\.box .* lies outside the 64x48"):
-            ClickSegmenter(Predictor(tiny_model), _image(), ax=ax, box=[0, 0, 100, 10])
-        with pytest.raises(ValueError, match=f"ClickSegmenter.box .*{NONFINITE}"):
-            ClickSegmenter(Predictor(tiny_model), _image(), ax=ax, box=[0, 0, math.nan, 10])
-        x0, y0, x1, y1 = BOX
-        seg = ClickSegmenter(Predictor(tiny_model), _image(), ax=ax, box=[x1, y1, x0, y0])
-        assert seg.box.tolist() == BOX
-    finally:
-        plt.close(fig)
