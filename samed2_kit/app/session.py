@@ -5,7 +5,10 @@ The mask of a slice is a function of its prompts (its clicks and box), never of 
 masks: `predict` with the same prompts gives it again (`samed2 predict` with the prompts file
 `prompts_json` writes, or `Predictor.predict`), which keeps undo exact and results reproducible.
 One click without a box asks for SAM's three candidates and shows the best scored; `choose`
-takes another. A 2D image is encoded as `Predictor.set_image` encodes it; a volume's slices go
+takes another (kept with the prompt, so undo restores it). That single-click case is the one
+exception to reproducibility: `samed2 predict` and propagation decode one click with
+`multimask_output=False` (SAM 2's single mask, the best of three only when it is unstable), and
+the prompts file does not record a chosen candidate; two clicks or a box reproduce exactly. A 2D image is encoded as `Predictor.set_image` encodes it; a volume's slices go
 through one intensity mapping for the whole volume (`volume_intensity`, as propagation does) and
 are encoded when first clicked (one encoder run per slice, then every click is decoder only).
 """
@@ -26,12 +29,14 @@ MODES = ("positive", "negative", "box")
 @dataclass
 class SlicePrompt:
     """One slice's prompt: clicks [(x, y)] in image pixels with labels 1 / 0, a box (x0, y0, x1,
-    y1), and `corner`, the first corner of a box being drawn (two clicks make a box)."""
+    y1), and `corner`, the first corner of a box being drawn (two clicks make a box); `choice`,
+    the candidate taken with `Session.choose` (None: the best scored; not in the prompts file)."""
 
     points: list = field(default_factory=list)
     labels: list = field(default_factory=list)
     box: list | None = None
     corner: list | None = None
+    choice: int | None = None
 
     def empty(self) -> bool:
         return not self.points and self.box is None
@@ -166,7 +171,7 @@ class Session:
         """Take candidate k (of the three a single click gives) as the slice's mask."""
         if self.candidates is None or not 0 <= k < len(self.candidates[1]):
             raise ValueError("no such candidate: candidates come with a single click")
-        self.choice = int(k)
+        self.choice = self.prompts[self.z].choice = int(k)  # kept with the prompt, for undo
         self.masks[self.z] = self.candidates[0][k]
 
     def _encode(self) -> None:
@@ -200,7 +205,8 @@ class Session:
         masks, scores, _ = self.predictor.predict(
             point_coords=sp.points or None, point_labels=sp.labels or None, box=sp.box,
             multimask_output=multi)  # fmt: skip
-        self.candidates, self.choice = (masks, scores), int(np.argmax(scores))
+        chosen = sp.choice if multi and sp.choice is not None else int(np.argmax(scores))
+        self.candidates, self.choice = (masks, scores), chosen
         self.masks[self.z] = masks[self.choice]
         self.last_ms = (time.perf_counter() - t0) * 1000
 
