@@ -159,8 +159,9 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
                                  elem_id="upload")  # fmt: skip
                 data = gr.Dropdown(entries, value=None, label=f"or from {data_dir}",
                                    visible=bool(entries), elem_id="data")  # fmt: skip
-                series = gr.Dropdown([], label="DICOM series", elem_id="series", visible=False,
-                                     allow_custom_value=True)  # choices come per upload
+                series = gr.Radio(
+                    [], label="DICOM series (pick one)", elem_id="series", visible=False
+                )  # choices come with the upload
                 intensity = gr.Dropdown(list(INTENSITY), value="auto", label="intensity",
                                         elem_id="intensity")  # fmt: skip
                 mode = gr.Radio(list(MODES), value="positive", label="a click adds",
