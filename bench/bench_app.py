@@ -7,7 +7,7 @@ the image is encoded once:
   logits upsampled to 800 x 540 and thresholded (`bench_predict.sam2_decoder`, box prompt);
 - app click (mask): `Session.click` of one positive point (three candidates, the best kept), as
   the app's handler runs it (the prompt cleared before each click so every call is a first click);
-- app click (answer): the same + the picture (`Session.picture`: overlay, markers) + its PNG
+- app click (answer): the same + the picture (`Session.picture`: overlay, markers) + its JPEG
   encoding (what Gradio sends to the page) = the handler's server time for a click,
 with the app's two backends: onnxruntime (the default when installed) and torch.
 Medians of interleaved calls (`_common.alternate`); "x SAM 2" = SAM 2's time / the arm's.
@@ -18,7 +18,6 @@ Medians of interleaved calls (`_common.alternate`); "x SAM 2" = SAM 2's time / t
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from pathlib import Path
 
@@ -31,12 +30,12 @@ from bench_predict import sam2_decoder
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def png_bytes(picture: np.ndarray) -> int:
+def encoded(picture: np.ndarray) -> int:
+    """Bytes of the picture as Gradio sends it to the page (JPEG, Gradio's own encoder)."""
+    from gradio.processing_utils import encode_pil_to_bytes
     from PIL import Image
 
-    buf = io.BytesIO()
-    Image.fromarray(picture).save(buf, format="PNG")
-    return buf.tell()
+    return len(encode_pil_to_bytes(Image.fromarray(picture), "jpeg"))
 
 
 def arms(size: int) -> dict:
@@ -61,7 +60,7 @@ def arms(size: int) -> dict:
 
         def answer(s=s):
             click(s)
-            png_bytes(s.picture())
+            encoded(s.picture())
 
         out[f"app click (mask), {name}"] = click
         out[f"app click (answer), {name}"] = answer

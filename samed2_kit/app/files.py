@@ -107,7 +107,8 @@ def _open_dicom_folder(folder: Path, shown: Path, series_uid: str | None):
     if not hit:
         uids = ", ".join(s.series_uid for s in series)
         raise _Clear(
-            f"{shown.name}: no series {series_uid!r} here; its series are: {uids} (pick one of them)"
+            f"{shown.name}: no series {series_uid!r} here; its series are: {uids} "
+            "(pick one of them)"
         )
     vol = read_dicom_series([Path(f) for f in hit[0].files])
     vol.meta["source"] = str(folder)

@@ -1,16 +1,17 @@
-"""One browser tab's work, without any GUI: the opened image or volume, the prompts of each slice,
-the masks, undo, propagation, few-shot, downloads and "save as training example".
+"""One browser tab's work, without any GUI: the opened image or volume, the prompts of each
+slice, the masks, undo, propagation, few-shot, downloads and "save as training example".
 
-The mask of a slice is a function of its prompts (its clicks and box), never of earlier
-masks: `predict` with the same prompts gives it again (`samed2 predict` with the prompts file
+The mask of a slice is a function of its prompts (its clicks and box), never of earlier masks:
+`predict` with the same prompts gives it again (`samed2 predict` with the prompts file
 `prompts_json` writes, or `Predictor.predict`), which keeps undo exact and results reproducible.
-One click without a box asks for SAM's three candidates and shows the best scored; `choose`
-takes another (kept with the prompt, so undo restores it). That single-click case is the one
-exception to reproducibility: `samed2 predict` and propagation decode one click with
-`multimask_output=False` (SAM 2's single mask, the best of three only when it is unstable), and
-the prompts file does not record a chosen candidate; two clicks or a box reproduce exactly. A 2D image is encoded as `Predictor.set_image` encodes it; a volume's slices go
-through one intensity mapping for the whole volume (`volume_intensity`, as propagation does) and
-are encoded when first clicked (one encoder run per slice, then every click is decoder only).
+One click without a box asks for SAM's three candidates and shows the best scored; `choose` takes
+another (kept with the prompt, so undo restores it). That single-click case is the one exception to
+reproducibility: `samed2 predict` and propagation decode one click with `multimask_output=False`
+(SAM 2's single mask, the best of three only when it is unstable), and the prompts file does not
+record a chosen candidate; two clicks or a box reproduce exactly. A 2D image is encoded as
+`Predictor.set_image` encodes it; a volume's slices go through one intensity mapping for the whole
+volume (`volume_intensity`, as propagation does) and are encoded when first clicked (one encoder
+run per slice, then every click is decoder only).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 MODES = ("positive", "negative", "box")
+SEG_LABELS = {1: "samed2 prediction"}  # the DICOM-SEG segment (as `samed2 predict` names it)
 
 
 @dataclass
@@ -309,9 +311,9 @@ class Session:
             if opened.fmt != "dicom":
                 raise ValueError("DICOM-SEG references the source DICOM series: this input is "
                                  f"{opened.fmt}; download NIfTI or PNG")  # fmt: skip
+            uid = opened.volume.meta.get("series_uid")
             return export.write_dicom_seg(self.masks, opened.source, folder / f"{name}_seg.dcm",
-                                          labels={1: "samed2 prediction"},
-                                          series_uid=opened.volume.meta.get("series_uid"))  # fmt: skip
+                                          labels=SEG_LABELS, series_uid=uid)  # fmt: skip
         raise ValueError(f"format {fmt!r}: one of png, nifti, dicom-seg, prompts")
 
     def save_example(self, folder, spec) -> Path:

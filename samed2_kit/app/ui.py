@@ -69,8 +69,8 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
 
     def view(s: Session, msg: str = ""):
         pending = s.pending is not None
-        series = gr.update(choices=[f"{label} ({uid})" for uid, label in s.series] if pending else [],
-                           value=None, visible=pending)  # fmt: skip
+        names = [f"{label} ({uid})" for uid, label in s.series] if pending else []
+        series = gr.update(choices=names, value=None, visible=pending)
         if s.opened is None:
             return (None, msg or "Open an image or a volume.", gr.update(visible=False),
                     gr.update(choices=[], value=None), "", series)  # fmt: skip
@@ -92,7 +92,11 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
                 msg = fn(s, *args) or ""
             except Exception as e:  # shown in the page; the server keeps serving
                 msg = f"Error: {e}"
-            return view(s, msg)
+            try:
+                return view(s, msg)
+            except Exception as e:  # a state the picture cannot show: start the tab afresh
+                s.opened = None
+                return view(s, f"Error: {e} (open the image again)")
 
         return run
 
@@ -125,7 +129,7 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
     def on_series(s: Session, choice, intensity):
         if not choice or s.pending is None:
             return ""
-        uid = next((u for u, label in s.series if f"{label} ({u})" == choice), choice)
+        uid = next((u for u, label in s.series if f"{label} ({u})" == choice), choice)  # view's
         return open_path(s, s.pending, intensity, series_uid=uid)
 
     def on_click(s: Session, mode, auto, index):
@@ -149,8 +153,9 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
         gr.Markdown(f"### samed2-kit: {engine.describe()}")
         with gr.Row():
             with gr.Column(scale=3):
-                picture = gr.Image(type="numpy", format="png", interactive=False, buttons=["fullscreen"], label="click to "
-                                   "prompt", elem_id="picture", show_label=False)  # fmt: skip
+                picture = gr.Image(type="numpy", format="jpeg", interactive=False,
+                                   buttons=["fullscreen"], show_label=False,
+                                   elem_id="picture")  # fmt: skip
                 slider = gr.Slider(0, 1, step=1, label="slice", visible=False, elem_id="slice")
                 status = gr.Markdown("Open an image or a volume.", elem_id="status")
                 summary = gr.Markdown("", elem_id="summary")
@@ -216,8 +221,11 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
         sup_run.click(act(on_few_shot), None, outs)
         for fmt, button in dl.items():
             button.click(download(tabs, fmt), None, [out_file, status])
-        ex_save.click(act(lambda s, m, t, li: on_save(s, examples_dir, ExampleSpec(m or "", t, li))),
-                      [ex_mod, ex_task, ex_lic], outs)  # fmt: skip
+
+        def save(s: Session, modality, task, licence):
+            return on_save(s, examples_dir, ExampleSpec(modality or "", task, licence))
+
+        ex_save.click(act(save), [ex_mod, ex_task, ex_lic], outs)
         if image is not None:
             demo.load(act(lambda s: open_path(s, image) if s.opened is None else ""), None, outs)
 
