@@ -30,7 +30,7 @@ WAIT_JS = """([t, b]) => {
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """The app on a free 127.0.0.1 port serving test-tiny (seed 0) through onnxruntime, as
-    `samed2 app` does (backend auto)."""
+    `samed2 app` does (backend auto), with the bundled samples as --data."""
     pytest.importorskip("gradio")
     from samed2_kit.app import serve
     from samed2_kit.app.engine import Engine
@@ -38,7 +38,7 @@ def app(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("app")
     engine = Engine.open(build_model("test-tiny", image_size=256).eval())
-    demo = serve(engine, examples=root / "annotations", quiet=True)
+    demo = serve(engine, data=SAMPLES, examples=root / "annotations", quiet=True)
     yield demo, engine, root
     demo.close()
 
@@ -171,6 +171,9 @@ def test_volume_prompt_propagate_download_and_save_example(page, app, tmp_path):
     page.wait("propagated in", before)
     page.shot("propagated")
     assert "slices" in page.pg.inner_text("#summary")
+    page.mode("negative")
+    assert "propagated again" in page.click(0.9, 0.9)  # a corrective click re-propagates
+    page.shot("corrected_and_propagated_again")
     prompts = json.loads(page.download("prompts", tmp_path).read_text())
     got = np.asarray(nib.load(page.download("nifti", tmp_path)).dataobj)
     volume = read_volume(VOLUME)
@@ -249,3 +252,12 @@ def test_dicom_zip_with_two_series_asks_which_then_gives_a_dicom_seg(page, tmp_p
     seg = pydicom.dcmread(page.download("dicom-seg", tmp_path))
     assert seg.Modality == "SEG"
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == uid
+
+
+def test_data_entries_open_from_the_list(page):
+    before = page.status()
+    page.pg.locator("#data input").click()
+    page.pg.locator("[role=option]", has_text="hc18/images/000_HC.png").first.click()
+    assert "000_HC" in page.wait("Opened", before)
+    page.shot("opened_from_data")
+    page.click(0.5, 0.5)
