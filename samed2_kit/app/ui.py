@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from pathlib import Path
 
@@ -233,7 +234,7 @@ def build(engine, data_dir=None, examples_dir=None, image=None):
             tabs.drop(request)
 
         demo.unload(unload)
-    demo.samed2_root = root
+    weakref.finalize(demo, shutil.rmtree, root, True)  # the tabs' folders go with the app
     return demo
 
 

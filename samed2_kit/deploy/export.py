@@ -51,23 +51,18 @@ from samed2_kit.deploy.contract import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST,
     OPSETS,
-    QUANTIZE,
     is_export_dir,
     require,
 )
+from samed2_kit.deploy.describe import adapter_kinds, graph_entry, manifest
+from samed2_kit.deploy.quantize import QUANT_SETTINGS, check_quantize, quantize_encoders
 
+__all__ = ["QUANT_SETTINGS", "check_opset", "check_quantize", "export_onnx", "graph_entry"]
 log = logging.getLogger(__name__)
 
 PROPAGATION_MODULE = "samed2_kit.deploy.propagation"
-# what `quantize="int8"` does to the image encoder(s): the fastest of QInt8 / QUInt8 weights, per
-# tensor / per channel, MatMul / all supported ops, measured by bench/bench_inference.py (tiny,
-# 2 CPU cores with AVX-512 VNNI + AMX): QInt8 on MatMul 1.8x faster than fp32, QUInt8 no faster,
-# Conv (ConvInteger) slower; per channel: as fast, closer to fp32
-QUANT_SETTINGS = {"method": "onnxruntime.quantization.quantize_dynamic", "weight_type": "QInt8",
-                  "per_channel": True, "op_types": ["MatMul"]}  # fmt: skip
 
 
 def check_opset(opset, what: str = "opset") -> int:
@@ -77,14 +72,6 @@ def check_opset(opset, what: str = "opset") -> int:
         raise ValueError(f"{what}={opset!r}: use an ONNX opset from {lo} to {hi} (default "
                          f"{DEFAULT_OPSET})")  # fmt: skip
     return opset
-
-
-def check_quantize(quantize, what: str = "quantize") -> str | None:
-    """`quantize` if it is None or one of `QUANTIZE`, else a ValueError naming `what`."""
-    if quantize is not None and quantize not in QUANTIZE:
-        raise ValueError(f"{what}={quantize!r}: use one of {', '.join(QUANTIZE)}, or leave it out "
-                         "for fp32 graphs")  # fmt: skip
-    return quantize
 
 
 def check_out(out: str | Path, overwrite: bool = False) -> Path:
@@ -200,30 +187,6 @@ def _export(module, args: tuple, path: Path, names: tuple, shapes: list, dynamic
     onnx.save(m, str(path))
 
 
-def graph_entry(path: Path, **extra) -> dict:
-    """A graph's manifest entry: file name, sha256, inputs and outputs as the ONNX file declares
-    them (name, shape with symbolic dims as strings, numpy dtype name)."""
-    from samed2_kit.utils.atomic import sha256_file
-
-    onnx = require("onnx")
-    m = onnx.load(str(path), load_external_data=False)
-    inits = {i.name for i in m.graph.initializer}
-
-    def describe(values) -> list[dict]:
-        out = []
-        for v in values:
-            if v.name in inits:
-                continue
-            t = v.type.tensor_type
-            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name
-            out.append({"name": v.name, "shape": dims, "dtype": dtype})
-        return out
-
-    return {"file": path.name, "sha256": sha256_file(path), "inputs": describe(m.graph.input),
-            "outputs": describe(m.graph.output), **extra}  # fmt: skip
-
-
 def export_graphs(model, folder: Path, opset: int = DEFAULT_OPSET) -> tuple[dict, G.SourcePlan]:
     """Trace the encoder graph(s) and the decoder graph of a `prepared` model into `folder`;
     returns ({graph name: manifest entry}, the source plan)."""
@@ -238,7 +201,7 @@ def export_graphs(model, folder: Path, opset: int = DEFAULT_OPSET) -> tuple[dict
         shapes = [tuple(f.shape) for f in feats]
         _export(enc, (image,), folder / f"{ENCODER}.onnx", names, shapes, {}, opset)
         out[ENCODER] = graph_entry(folder / f"{ENCODER}.onnx", clip_len=1)
-        if t > 1 and "temporal" in _adapter_kinds(model):
+        if t > 1 and "temporal" in adapter_kinds(model):
             clip = (image.expand(t, -1, -1, -1).contiguous(),)
             path = folder / f"{CLIP_ENCODER}.onnx"
             _export(G.EncoderGraph(model, t), clip, path, names, shapes, {}, opset)
@@ -254,12 +217,6 @@ def export_graphs(model, folder: Path, opset: int = DEFAULT_OPSET) -> tuple[dict
                 shapes, {"point_coords": n, "point_labels": n}, opset)  # fmt: skip
         out[DECODER] = graph_entry(folder / f"{DECODER}.onnx")
     return out, plan
-
-
-def _adapter_kinds(model) -> dict:
-    from samed2_kit.adapters.io import describe_adapters
-
-    return describe_adapters(model)
 
 
 def propagation_graphs(model, folder: Path, image_size: int, opset: int) -> dict:
@@ -280,129 +237,6 @@ def propagation_graphs(model, folder: Path, image_size: int, opset: int) -> dict
             found = graph_entry(folder / entry["file"])
             entries[name] = {**found, **entry, "sha256": found["sha256"]}
     return entries
-
-
-class _DropQuantNotes:
-    """A logging filter dropping onnxruntime.quantization's advice records (it logs through the
-    root logger, e.g. "Please consider to run pre-processing before quantization")."""
-
-    def filter(self, record) -> bool:
-        return "onnxruntime" not in record.pathname or "quantization" not in record.pathname
-
-
-def quantize_encoders(folder: Path, entries: dict, quantize: str) -> dict:
-    """Replace the image encoder graph(s) in `folder` by their dynamic int8 quantisation
-    (`QUANT_SETTINGS`), each written to a temporary file first; returns the manifest's
-    "quantization" entry. `entries` ({graph name: manifest entry}) is updated with the new files'
-    digests, inputs and outputs (the encoder's I/O stays float32)."""
-    import logging
-
-    ort = require("onnxruntime")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    s = QUANT_SETTINGS
-    done = []
-    root = logging.getLogger()
-    drop = _DropQuantNotes()
-    root.addFilter(drop)
-    try:
-        for name in (ENCODER, CLIP_ENCODER):
-            if name not in entries:
-                continue
-            path = folder / entries[name]["file"]
-            tmp = path.with_name(f".{path.name}.int8")
-            quantize_dynamic(path, tmp, weight_type=getattr(QuantType, s["weight_type"]),
-                             per_channel=s["per_channel"], op_types_to_quantize=s["op_types"])  # fmt: skip
-            tmp.replace(path)
-            keep = {k: v for k, v in entries[name].items() if k == "clip_len"}
-            entries[name] = graph_entry(path, **keep, quantized=quantize)
-            done.append(name)
-    finally:
-        root.removeFilter(drop)
-    return {"mode": quantize, **s, "graphs": done, "onnxruntime_version": ort.__version__}
-
-
-def preprocessing(image_size: int) -> dict:
-    """What a runtime must do to an image and to prompts before the graphs, and to the outputs
-    after (the torch Predictor's steps, `samed2_kit.model.predictor`)."""
-    from samed2_kit.medbank.preprocess import DEFAULT_CT_WINDOW, IMAGENET_MEAN, IMAGENET_STD
-
-    return {
-        "image_size": image_size,
-        "mean": list(IMAGENET_MEAN),
-        "std": list(IMAGENET_STD),
-        "input": (
-            "intensities mapped to [0, 1] per modality (below), grey replicated to 3 channels, "
-            f"resized to {image_size} x {image_size} (bilinear, antialias, align_corners=False; "
-            "aspect ratio not kept), then (x - mean) / std per channel, channels first"
-        ),
-        "intensity": {
-            "ct": "clip HU to [level - width / 2, level + width / 2], scale to [0, 1]",
-            "mr": "clip to the 0.5 and 99.5 percentiles of the image, scale to [0, 1]",
-            "2d": "uint8 / 255; float already in [0, 1] as is; anything else min-max to [0, 1]",
-            "auto": "a CT window given -> ct; uint8 or RGB -> 2d; int/float with min < -100 -> "
-            "ct (HU); else 2d",
-        },
-        "defaults": {
-            "modality": "auto",
-            "ct_window": list(DEFAULT_CT_WINDOW),
-            "mr_percentiles": [0.5, 99.5],
-        },  # fmt: skip
-        "coordinates": (
-            f"points and boxes (x, y) in original pixels times ({image_size} / W, "
-            f"{image_size} / H); box corners first (labels 2, 3), then clicks (1 fg, 0 bg), then "
-            "one padding point (0, 0) labelled -1 whenever any point or box is given"
-        ),
-        "postprocessing": (
-            "low-res logits (S/4) upsampled bilinearly (align_corners=False) to H x W, mask = "
-            "logits > 0; mask_input: an earlier low-res logit map (clamped to [-32, 32])"
-        ),
-    }
-
-
-def _decoder_settings(model) -> dict:
-    dec = model.sam.sam_mask_decoder
-    return {
-        "mask_tokens": int(dec.num_mask_tokens),
-        "multimask": [1, int(dec.num_mask_tokens)],
-        "single_mask": 0,
-        "dynamic_multimask_via_stability": bool(dec.dynamic_multimask_via_stability),
-        "stability_delta": float(dec.dynamic_multimask_stability_delta),
-        "stability_thresh": float(dec.dynamic_multimask_stability_thresh),
-    }
-
-
-def manifest(model, entries: dict, plan: G.SourcePlan, run: dict | None, opset: int,
-             trained_size: int, quantization: dict | None = None) -> dict:  # fmt: skip
-    """What `manifest.json` holds (see the module docstring); `quantization`: what
-    `quantize_encoders` returned (None: fp32 graphs)."""
-    from samed2_kit import __version__
-    from samed2_kit.adapters import lora
-
-    memory = getattr(model, "memory", None)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "samed2_kit_version": __version__,
-        "torch_version": torch.__version__,
-        "onnx_version": require("onnx").__version__,
-        "opset": opset,
-        "spec": model.spec.to_dict(),
-        "modalities": (run or {}).get("modalities", []),  # of the training data (predict's auto)
-        "trained_image_size": trained_size,
-        "source_run": run,
-        "model": {
-            "adapters": _adapter_kinds(model),
-            "lora_merged": lora.active_lora(model),
-            "sources": plan.included,
-            "sources_left_out": plan.left_out,
-            "memory": None if memory is None else "empty confidence memory (no effect), left out",
-        },
-        "decoder": _decoder_settings(model),
-        "graphs": entries,
-        "quantization": quantization,
-        "preprocessing": preprocessing(model.image_size),
-    }
 
 
 def export_onnx(
