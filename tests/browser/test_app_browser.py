@@ -261,3 +261,54 @@ def test_data_entries_open_from_the_list(page):
     assert "000_HC" in page.wait("Opened", before)
     page.shot("opened_from_data")
     page.click(0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def few_shot_app(tmp_path_factory):
+    """The app serving test-tiny with a hard_prototypes source (few-shot; torch)."""
+    from samed2_kit.app import serve
+    from samed2_kit.app.engine import Engine
+    from samed2_kit.model.assemble import add_sources
+    from samed2_kit.model.build import build_model
+    from samed2_kit.sources import HardPrototypesConfig
+
+    model = build_model("test-tiny", image_size=256).eval()
+    add_sources(model, {"hard_prototypes": HardPrototypesConfig()})
+    engine = Engine.open(model, backend="torch")
+    demo = serve(engine, examples=tmp_path_factory.mktemp("fs") / "annotations", quiet=True)
+    yield demo, model
+    demo.close()
+
+
+def test_few_shot_support_then_segment_without_a_prompt(browser, few_shot_app, tmp_path):
+    from PIL import Image
+
+    from samed2_kit.medbank.io import read_volume
+    from samed2_kit.model.predictor import Predictor
+
+    demo, model = few_shot_app
+    support = SAMPLES / "hc18" / "images" / "010_HC.png"
+    support_mask = SAMPLES / "hc18" / "masks" / "010_HC_Annotation.png"
+    page = Page(browser, demo.local_url, tmp_path)
+    try:
+        page.upload(IMAGE)
+        page.pg.get_by_text("Few-shot (support example)").click()  # open the section
+        page.pg.set_input_files("#support-image input[type=file]", str(support))
+        page.pg.set_input_files("#support-mask input[type=file]", str(support_mask))
+        page.pg.wait_for_selector("#support-mask a", timeout=TIMEOUT_MS)  # both uploaded
+        before = page.status()
+        page.pg.click("#support-set")
+        page.wait("support set", before)
+        before = page.status()
+        page.pg.click("#support-run")
+        page.wait("segmented from the support", before)
+        page.shot("few_shot")
+        got = np.asarray(Image.open(page.download("png", tmp_path))) > 0
+    finally:
+        page.ctx.close()
+    pred = Predictor(model)
+    pred.set_support([read_volume(support).array[0]],
+                     [read_volume(support_mask, labels=True).array[0] > 0])  # fmt: skip
+    pred.set_image(read_volume(IMAGE).array[0])
+    want, _, _ = pred.predict(multimask_output=False)
+    assert np.array_equal(got, want[0])
