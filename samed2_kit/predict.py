@@ -160,7 +160,7 @@ def volume_modality(volume, modality: str, window, trained_on) -> str:
 def _check_2d(image, prompts, support, input_path: Path, prompts_path) -> np.ndarray:
     """`image` checked (`check_image`) and its prompt checked against its size, before any work
     (a clear error and no output folder)."""
-    from samed2_kit.model.predictor import check_image
+    from samed2_kit.model.image_input import check_image
 
     if support is None and prompts is None:
         raise ValueError("a 2D prediction needs --prompts (or --support IMAGE MASK for few-shot)")
