@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from tests._propagation import propagating_model
+
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
@@ -16,7 +18,7 @@ from samed2_kit.deploy.propagation import (  # noqa: E402
     TorchImagePath,
     export_propagation,
 )
-from samed2_kit.model import _sam2, build_model  # noqa: E402
+from samed2_kit.model import _sam2  # noqa: E402
 from samed2_kit.prompts import Prompt  # noqa: E402
 from samed2_kit.types import ImageFeatures  # noqa: E402
 from samed2_kit.volume import propagate_volume  # noqa: E402
@@ -26,15 +28,7 @@ HIPPO = "samed2_kit/sample_data/msd_hippocampus/"
 
 
 def _model(present: bool = True):
-    """test-tiny at 256 px, seeded; `present`: the object score says "object" everywhere (an
-    untrained model's is arbitrary), so propagated slices are not emptied."""
-    torch.manual_seed(0)
-    model = build_model("test-tiny", image_size=S).eval()
-    with torch.no_grad():
-        model.sam.maskmem_tpos_enc.normal_()  # learned in a checkpoint: make the slots differ
-        if present:
-            model.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(50.0)
-    return model
+    return propagating_model(S, present, vary_slots=True)
 
 
 @pytest.fixture(scope="module")

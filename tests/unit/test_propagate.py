@@ -6,24 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from samed2_kit.model import build_model
 from samed2_kit.model.predictor import Predictor
 from samed2_kit.prompts import Prompt
 from samed2_kit.volume import model_clip_len, propagate_volume, volume_intensity
+from tests._propagation import propagating_model
 
 Z, H, W = 8, 40, 50
 BOX = Prompt(box=np.array([5.0, 5, 30, 30]), points=np.array([[12.0, 14]]), labels=[1])
 
 
 def _model(present=True):
-    """test-tiny at 64 px, seeded; `present`: the object score head says "object" everywhere, so
-    propagated slices are not all emptied (an untrained model's score is arbitrary)."""
-    torch.manual_seed(0)
-    model = build_model("test-tiny", image_size=64).eval()
-    if present:
-        with torch.no_grad():
-            model.sam.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.fill_(50.0)
-    return model
+    return propagating_model(64, present)
 
 
 @pytest.fixture(scope="module")
